@@ -1,0 +1,28 @@
+"""ncl_kernels: Normalized Contrastive Learning kernels for cross-modal retrieval.
+
+The public names of SPEC.md section 6. Compiled backends are imported lazily, so this
+package imports (and its PyTorch backend works) without them; :func:`backends` says what is
+usable here and why not.
+"""
+
+from . import retrieval
+from .backends import backends
+from .loss import apply_biases_, ncl_loss, ncl_loss_embeddings
+from .nn import NCLLoss
+from .sinkhorn import (SinkhornConvergenceWarning, SinkhornResult, sinkhorn,
+                       sinkhorn_embeddings)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NCLLoss",
+    "SinkhornConvergenceWarning",
+    "SinkhornResult",
+    "apply_biases_",
+    "backends",
+    "ncl_loss",
+    "ncl_loss_embeddings",
+    "retrieval",
+    "sinkhorn",
+    "sinkhorn_embeddings",
+]

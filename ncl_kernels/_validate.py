@@ -1,0 +1,228 @@
+"""Every argument check of the public API, in one place, before any kernel runs.
+
+Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+shape or value) with a message naming the argument, what was expected and what was given.
+Checks that look at tensor values (NaN, +inf, ranges) cost one reduction each; on CUDA
+tensors that is one host synchronization per check.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .backends.base import acc_dtype
+
+Tensor = torch.Tensor
+STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INF = float("inf")
+MASS_RTOL = 1e-5
+
+
+def _describe(x) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _tensor(name: str, x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {_describe(x)}")
+    return x
+
+
+def _storage(name: str, x: Tensor) -> None:
+    if x.dtype not in STORAGE_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16; got {x.dtype}")
+
+
+def scores(S, name: str = "scores") -> Tensor:
+    """A 2-D score matrix: non-empty, unit column stride, no NaN or +inf (-inf is a mask)."""
+    S = _tensor(name, S)
+    if S.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N x M); got shape {tuple(S.shape)}")
+    _storage(name, S)
+    n, m = S.shape
+    if n == 0 or m == 0:
+        raise ValueError(f"{name} must have at least one row and one column; got shape "
+                         f"{(n, m)}")
+    if m > 1 and S.stride(1) != 1:
+        raise ValueError(f"{name} must have column stride 1 (rows may be strided); got "
+                         f"strides {S.stride()} — pass .contiguous()")
+    top = S.max()  # one read: NaN propagates through max, +inf is the max
+    if torch.isnan(top):
+        raise ValueError(f"{name} contains NaN")
+    if top == INF:
+        raise ValueError(f"{name} contains +inf (-inf is allowed as a mask)")
+    return S
+
+
+def embeddings(x, y) -> Tuple[Tensor, Tensor]:
+    """Query and item embeddings: 2-D, same D, dtype and device, finite."""
+    for name, t in (("x", x), ("y", y)):
+        t = _tensor(name, t)
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (rows x D); got shape {tuple(t.shape)}")
+        _storage(name, t)
+        if t.shape[0] == 0 or t.shape[1] == 0:
+            raise ValueError(f"{name} must have at least one row and one feature; got "
+                             f"shape {tuple(t.shape)}")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"x and y must have the same embedding size D; got x {tuple(x.shape)}"
+                         f" and y {tuple(y.shape)}")
+    if x.dtype != y.dtype:
+        raise TypeError(f"x and y must have the same dtype; got {x.dtype} and {y.dtype}")
+    same_device(x=x, y=y)
+    for name, t in (("x", x), ("y", y)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf (embeddings must be finite)")
+    return x, y
+
+
+def same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, Tensor)]
+    if not items:
+        return
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             f"all tensors must be on one device")
+
+
+def scale(value) -> float:
+    """``scale > 0``: a Python number or a 0-dim floating tensor (returned as a float)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise TypeError(f"scale must be a number or a 0-dim floating tensor; got "
+                            f"{_describe(value)}")
+        number = float(value.detach())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"scale must be a number or a 0-dim floating tensor; got "
+                        f"{_describe(value)}")
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"scale must be finite and > 0; got {number}")
+    return number
+
+
+def iterations(n_iters, tol, check_every) -> None:
+    if not isinstance(n_iters, numbers.Integral) or isinstance(n_iters, bool) or n_iters < 0:
+        raise ValueError(f"n_iters must be an integer >= 0; got {n_iters!r}")
+    if tol is not None:
+        if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not (
+                math.isfinite(tol) and tol > 0):
+            raise ValueError(f"tol must be None or a finite number > 0; got {tol!r}")
+    if (not isinstance(check_every, numbers.Integral) or isinstance(check_every, bool)
+            or check_every < 1):
+        raise ValueError(f"check_every must be an integer >= 1; got {check_every!r}")
+
+
+def _mass(name: str, value, length: int, like: Tensor) -> Tensor:
+    t = torch.as_tensor(value)
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be a 1-D tensor of length {length}; got shape "
+                         f"{tuple(t.shape)}")
+    if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must be a real tensor; got {t.dtype}")
+    if isinstance(value, Tensor):
+        same_device(**{name: value, "scores": like})
+    t = t.to(device=like.device, dtype=acc_dtype(like.dtype))
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    if bool((t < 0).any()):
+        raise ValueError(f"{name} must be >= 0; its smallest entry is {float(t.min())}")
+    if not float(t.sum()) > 0:
+        raise ValueError(f"{name} must have a positive total; got all zeros")
+    return t
+
+
+def masses(row_mass, col_mass, n: int, m: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+    """Row and column masses with SPEC.md section 1's defaults and total rule."""
+    dt, dev = acc_dtype(like.dtype), like.device
+    r = None if row_mass is None else _mass("row_mass", row_mass, n, like)
+    c = None if col_mass is None else _mass("col_mass", col_mass, m, like)
+    if r is None and c is None:
+        r = torch.ones(n, dtype=dt, device=dev)
+    if r is None:
+        r = torch.full((n,), float(c.sum()) / n, dtype=dt, device=dev)
+    if c is None:
+        c = torch.full((m,), float(r.sum()) / m, dtype=dt, device=dev)
+    tr, tc = float(r.sum()), float(c.sum())
+    if abs(tr - tc) > MASS_RTOL * max(tr, tc):
+        raise ValueError(f"row_mass and col_mass must have the same total (to {MASS_RTOL:g} "
+                         f"relative); got {tr:.9g} and {tc:.9g}")
+    return r, c
+
+
+def potential(name: str, value, length: int, like: Tensor) -> Optional[Tensor]:
+    """A potential (``f``, ``g``, ``init_g``): 1-D, no NaN or +inf (-inf = removed)."""
+    if value is None:
+        return None
+    t = _tensor(name, value)
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be a 1-D tensor of length {length}; got shape "
+                         f"{tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor; got {t.dtype}")
+    same_device(**{name: t, "scores": like})
+    t = t.detach().to(acc_dtype(like.dtype)).contiguous()
+    if bool(torch.isnan(t).any()):
+        raise ValueError(f"{name} contains NaN")
+    if bool((t == INF).any()):
+        raise ValueError(f"{name} contains +inf")
+    return t
+
+
+def default_targets(n: int, m: int, device) -> Tuple[Tensor, Tensor]:
+    """SPEC.md section 3: ``y_i = i`` and ``z_j = j`` below ``min(N, M)``, ``-1`` beyond."""
+    k = min(n, m)
+    y = torch.full((n,), -1, dtype=torch.int64, device=device)
+    z = torch.full((m,), -1, dtype=torch.int64, device=device)
+    y[:k] = torch.arange(k, device=device)
+    z[:k] = torch.arange(k, device=device)
+    return y, z
+
+
+def _target(name: str, value, length: int, upper: int, other: str, like: Tensor) -> Tensor:
+    t = _tensor(name, value)
+    if t.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor; got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be a 1-D tensor of length {length}; got shape "
+                         f"{tuple(t.shape)}")
+    same_device(**{name: t, "scores": like})
+    if length and bool(((t < -1) | (t >= upper)).any()):
+        bad = t[(t < -1) | (t >= upper)][0].item()
+        raise ValueError(f"{name} must hold {other} indices in [0, {upper}) or -1 (no loss "
+                         f"term); got {bad}")
+    return t
+
+
+def targets(row_targets, col_targets, n: int, m: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+    y_def, z_def = default_targets(n, m, like.device)
+    y = y_def if row_targets is None else _target("row_targets", row_targets, n, m,
+                                                  "column", like)
+    z = z_def if col_targets is None else _target("col_targets", col_targets, m, n,
+                                                  "row", like)
+    return y, z
+
+
+def weights(value: Sequence[float]) -> Tuple[float, float]:
+    try:
+        w_row, w_col = (float(w) for w in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"weights must be a pair of numbers (w_row, w_col); got {value!r}")
+    if not all(math.isfinite(w) and w >= 0 for w in (w_row, w_col)):
+        raise ValueError(f"weights must be finite and >= 0; got {value!r}")
+    return w_row, w_col
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False; got {value!r}")
+    return value

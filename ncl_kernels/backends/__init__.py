@@ -1,0 +1,79 @@
+"""Backend registry: which backends exist, which are usable here, and picking one.
+
+``backend="auto"`` picks, for the tensors' device:
+
+* CPU tensors: ``"cpu"`` (the C++ module) when it is built, else ``"torch"``;
+* CUDA tensors: ``"torch"`` for now. The CUDA and Triton kernels join ``auto`` once they
+  have been checked on a GPU; until then name them explicitly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Dict
+
+import torch
+
+from . import cpu as _cpu
+from . import cuda as _cuda
+from .base import Backend
+from .torch import TorchBackend
+
+NAMES = ("torch", "cpu", "cuda", "triton")
+_DEVICES = {"torch": None, "cpu": "cpu", "cuda": "cuda", "triton": "cuda"}
+_instances: Dict[str, Backend] = {}
+
+
+def _triton_status():
+    if importlib.util.find_spec("triton") is None:
+        return False, False, "triton is not installed (pip install 'ncl_kernels[triton]')"
+    return False, False, "the Triton kernels are not part of this version yet"
+
+
+def _status(name: str):
+    if name == "torch":
+        return True, True, ""
+    if name == "cpu":
+        return _cpu.status()
+    if name == "cuda":
+        return _cuda.status()
+    return _triton_status()
+
+
+def backends() -> Dict[str, dict]:
+    """Report every backend: ``{name: {"built", "usable", "devices", "why"}}``.
+
+    ``why`` is empty for a usable backend and otherwise says what is missing.
+    """
+    report = {}
+    for name in NAMES:
+        built, usable, why = _status(name)
+        report[name] = {"built": built, "usable": usable,
+                        "devices": _DEVICES[name] or "any", "why": why}
+    return report
+
+
+def _instance(name: str) -> Backend:
+    if name not in _instances:
+        _instances[name] = {"torch": TorchBackend, "cpu": _cpu.CpuBackend,
+                            "cuda": _cuda.CudaBackend}[name]()
+    return _instances[name]
+
+
+def get(name: str, device: torch.device) -> Backend:
+    """The backend object for ``name`` (or ``"auto"``) and tensors on ``device``."""
+    if name == "auto":
+        if device.type == "cpu" and _status("cpu")[1]:
+            return _instance("cpu")
+        return _instance("torch")
+    if name not in NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, NAMES))}; "
+                         f"got {name!r}")
+    built, usable, why = _status(name)
+    if not usable:
+        raise ValueError(f"backend {name!r} is not usable here: {why}")
+    wanted = _DEVICES[name]
+    if wanted is not None and device.type != wanted:
+        raise ValueError(f"backend {name!r} runs on {wanted} tensors; got tensors on "
+                         f"{device}")
+    return _instance(name)

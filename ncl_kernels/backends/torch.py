@@ -1,0 +1,88 @@
+"""Pure-PyTorch backend: every primitive, on any device, in chunks of rows.
+
+It is the fallback everywhere and the template the compiled backends are measured
+against. Each primitive walks S in chunks of ``chunk_elems`` elements, so its temporaries
+stay O(chunk) rather than O(N x M); low-precision storage is upcast chunk by chunk and
+accumulated in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Backend, Tensor, acc_dtype, row_chunks
+
+NEG_INF = float("-inf")
+
+
+def softmax_part(x: Tensor, lse: Tensor) -> Tensor:
+    """``exp(x - lse)``, with 0 where ``lse`` is -inf (then x is -inf too, not NaN)."""
+    return torch.where(lse == NEG_INF, torch.zeros((), dtype=x.dtype, device=x.device),
+                       torch.exp(x - lse))
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def _chunks(self, S: Tensor):
+        return row_chunks(S.shape[0], S.shape[1], self.chunk_elems)
+
+    def row_lse(self, S: Tensor, scale: float, g: Optional[Tensor] = None) -> Tensor:
+        acc = acc_dtype(S.dtype)
+        out = torch.empty(S.shape[0], dtype=acc, device=S.device)
+        for start, stop in self._chunks(S):
+            L = S[start:stop].to(acc) * scale
+            if g is not None:
+                L += g
+            torch.logsumexp(L, 1, out=out[start:stop])
+        return out
+
+    def col_lse(self, S: Tensor, scale: float, f: Optional[Tensor] = None) -> Tensor:
+        acc = acc_dtype(S.dtype)
+        out = torch.full((S.shape[1],), NEG_INF, dtype=acc, device=S.device)
+        for start, stop in self._chunks(S):
+            L = S[start:stop].to(acc) * scale
+            if f is not None:
+                L += f[start:stop, None]
+            out = torch.logaddexp(out, torch.logsumexp(L, 0))
+        return out
+
+    def ncl_grad_(self, S, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
+                  out=None, row_offset=0):
+        acc = acc_dtype(S.dtype)
+        M = S.shape[1]
+        ds = torch.zeros((), dtype=acc, device=S.device)
+        cols = torch.arange(M, device=S.device)
+        for start, stop in self._chunks(S):
+            Sa = S[start:stop].to(acc)          # may alias S when S is already acc
+            L = Sa * scale
+            rows = torch.arange(stop - start, device=S.device)
+            cr = coef_row[start:stop]
+            G = softmax_part(L + g, lse_row[start:stop, None]) * cr[:, None]
+            G += softmax_part(L + f[start:stop, None], lse_col[None, :]) * coef_col
+            # the "- [j = y_i]" and "- [i = z_j]" terms, without host syncs: entries whose
+            # target lies elsewhere subtract zero at a clamped (harmless) position.
+            yc = y[start:stop]
+            G.index_put_((rows, yc.clamp(min=0)), -cr * (yc >= 0), accumulate=True)
+            zi = z - (row_offset + start)
+            here = (zi >= 0) & (zi < stop - start)
+            G.index_put_((zi.clamp(0, stop - start - 1), cols), -coef_col * here,
+                         accumulate=True)
+            # masked (-inf) scores do not depend on the scale: they add nothing to dscale
+            ds += torch.where(Sa == NEG_INF, 0.0, G * Sa).sum()
+            if out is not None:
+                out[start:stop] = G * scale
+        return ds
+
+    def apply_biases_(self, S, scale, f=None, g=None):
+        acc = acc_dtype(S.dtype)
+        for start, stop in self._chunks(S):
+            L = S[start:stop].to(acc) * scale
+            if f is not None:
+                L += f[start:stop, None]
+            if g is not None:
+                L += g
+            S[start:stop] = L
+        return S

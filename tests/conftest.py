@@ -1,0 +1,88 @@
+"""Shared fixtures: the oracle on the path, the backends to test, tolerance helpers."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# python_ref (the float64 oracle) lives at the repository root and is not installed;
+# append (not prepend) so that `import ncl_kernels` still finds the installed package.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import ncl_kernels  # noqa: E402
+
+STORAGE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def pytest_report_header(config):
+    usable = {k: v["usable"] for k, v in ncl_kernels.backends().items()}
+    return [f"ncl_kernels from {Path(ncl_kernels.__file__).parent}", f"backends: {usable}"]
+
+
+def pytest_configure(config):
+    # CI sets NCL_REQUIRE_CPU=1: a missing C++ module is then a failure, not a skip.
+    if os.environ.get("NCL_REQUIRE_CPU") == "1":
+        info = ncl_kernels.backends()["cpu"]
+        if not info["usable"]:
+            raise pytest.UsageError(f"NCL_REQUIRE_CPU=1 but the cpu backend is not usable: "
+                                    f"{info['why']}")
+
+
+def cpu_backends():
+    names = ["torch"]
+    if ncl_kernels.backends()["cpu"]["usable"]:
+        names.append("cpu")
+    return names
+
+
+@pytest.fixture(params=cpu_backends())
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Force every chunked primitive through many chunks on small inputs."""
+    from ncl_kernels.backends.base import Backend
+    monkeypatch.setattr(Backend, "chunk_elems", 97)
+
+
+def rel_err(a, b):
+    """Norm-wise relative error of ``a`` against ``b`` over their finite entries."""
+    a, b = torch.as_tensor(a).detach().double(), torch.as_tensor(b).detach().double()
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.equal(torch.isneginf(a), torch.isneginf(b)), "-inf entries differ"
+    keep = torch.isfinite(b)
+    assert torch.isfinite(a[keep]).all(), "non-finite value where the reference is finite"
+    a, b = a[keep], b[keep]
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def assert_close(ours, ref64, ref32, dtype, what=""):
+    """SPEC.md section 5 tolerances for storage ``dtype``."""
+    err = rel_err(ours, ref64)
+    if dtype == torch.float64:
+        bound = 1e-10
+    elif dtype == torch.float32:
+        bound = 1e-5
+    else:
+        bound = 2 * rel_err(ref32, ref64) + 1e-6
+    assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} ({dtype})"
+
+
+def random_scores(n, m, dtype, *, seed=0, strided=False, scale=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    if strided:  # a view of a wider matrix: row stride m + 13
+        return (torch.randn(n, m + 13, generator=gen) * scale).to(dtype)[:, :m]
+    return (torch.randn(n, m, generator=gen) * scale).to(dtype)
+
+
+def random_embeddings(n, m, d, dtype, *, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+    y = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1)
+    return x.to(dtype), y.to(dtype)
