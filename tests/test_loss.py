@@ -12,8 +12,12 @@ SHAPES = [(1, 1), (7, 5), (5, 7), (67, 45), (1031, 67)]
 
 
 def _ref_grads(S, scale, dtype, **kw):
-    """Oracle loss and gradients (dS in S's dtype, dscale) evaluated in ``dtype``."""
-    S = S.detach().clone().requires_grad_()
+    """Oracle loss and gradients evaluated in ``dtype``.
+
+    In float64 the gradient is the exact one (taken w.r.t. a float64 copy of S); in float32
+    it is rounded to S's storage dtype, as any implementation's must be.
+    """
+    S = S.detach().to(torch.float64 if dtype == torch.float64 else S.dtype).requires_grad_()
     s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
     loss = ref.ncl_loss(S, s, dtype=dtype, **kw)
     loss.backward()
@@ -148,7 +152,9 @@ def test_embeddings_match_oracle_and_dense(backend, dtype, shape, small_chunks):
     x0, y0 = random_embeddings(n, m, d, dtype, seed=n + 1)
 
     def run(fn, **kw):
-        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        exact = kw.get("dtype") == torch.float64  # the oracle's gradients, unrounded
+        x, y = (t.detach().to(torch.float64 if exact else dtype).requires_grad_()
+                for t in (x0, y0))
         wide = "dtype" in kw or dtype == torch.float64
         s = torch.tensor(15.0, dtype=torch.float64 if wide else torch.float32,
                          requires_grad=True)

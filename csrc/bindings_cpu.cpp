@@ -1,0 +1,95 @@
+// pybind11 module ncl_kernels._C_cpu — the CPU primitives.
+//
+// No torch headers: tensors cross the boundary as raw pointers (tensor.data_ptr(), a
+// Python int) plus shape, row stride (in elements) and a dtype code. The build therefore
+// needs no torch and one built module survives torch upgrades. Checking that pointers,
+// shapes and dtypes actually match the tensors is the Python side's job
+// (ncl_kernels/_validate.py); here we only refuse what would certainly crash.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common/ncl_math.h"
+#include "cpu/primitives.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+#ifndef NCL_VERSION
+#define NCL_VERSION "unknown"
+#endif
+#ifndef NCL_COMPILER
+#define NCL_COMPILER "unknown"
+#endif
+
+namespace {
+
+void check_dtype(int dtype) {
+  if (dtype < ncl::F32 || dtype > ncl::BF16)
+    throw py::value_error("unknown dtype code " + std::to_string(dtype) +
+                          " (expected DTYPE_F32=0, DTYPE_F64=1, DTYPE_F16=2, DTYPE_BF16=3)");
+}
+
+void check_block(int64_t n, int64_t m, int64_t row_stride, uintptr_t s_ptr) {
+  if (n < 0 || m < 0)
+    throw py::value_error("negative shape: n=" + std::to_string(n) + ", m=" + std::to_string(m));
+  if (row_stride < m)
+    throw py::value_error("row_stride=" + std::to_string(row_stride) + " < m=" + std::to_string(m));
+  if (n > 0 && m > 0 && s_ptr == 0) throw py::value_error("null scores pointer");
+}
+
+void row_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
+             uintptr_t g_ptr, uintptr_t out_ptr, int n_threads) {
+  check_dtype(dtype);
+  check_block(n, m, row_stride, s_ptr);
+  if (n > 0 && out_ptr == 0) throw py::value_error("null output pointer");
+  py::gil_scoped_release no_gil;
+  ncl::cpu::row_lse(reinterpret_cast<const void*>(s_ptr), n, m, row_stride, dtype, scale,
+                    reinterpret_cast<const void*>(g_ptr), reinterpret_cast<void*>(out_ptr),
+                    n_threads);
+}
+
+py::dict build_info() {
+  py::dict d;
+  d["version"] = NCL_VERSION;
+  d["compiler"] = NCL_COMPILER;
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_version"] = _OPENMP;  // yyyymm of the spec the compiler implements
+  d["openmp_max_threads"] = omp_get_max_threads();
+#else
+  d["openmp"] = false;
+  d["openmp_version"] = 0;
+  d["openmp_max_threads"] = 1;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cpu, mod) {
+  mod.doc() = "ncl_kernels CPU primitives (raw-pointer interface; see ncl_kernels.backends.cpu)";
+
+  mod.attr("DTYPE_F32") = int(ncl::F32);
+  mod.attr("DTYPE_F64") = int(ncl::F64);
+  mod.attr("DTYPE_F16") = int(ncl::F16);
+  mod.attr("DTYPE_BF16") = int(ncl::BF16);
+
+  mod.def("row_lse", &row_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
+          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("g_ptr"),
+          py::arg("out_ptr"), py::arg("n_threads"),
+          R"doc(out[i] = log sum_j exp(scale * S[i, j] + g[j]) for an n x m block of scores.
+
+S: pointer to storage of `dtype` (DTYPE_F32/F64/F16/BF16), column stride 1, row stride
+`row_stride` elements (>= m). g_ptr: m float values (double for F64), or 0 for g = 0.
+out_ptr: n float values (double for F64). Logits are formed and accumulated in float
+(double for F64). -inf entries are masks; an all -inf row gives -inf.
+n_threads <= 0 uses the OpenMP default. Releases the GIL.)doc");
+
+  mod.def("build_info", &build_info,
+          "dict: version, compiler, openmp (bool), openmp_version, openmp_max_threads");
+}
