@@ -45,3 +45,21 @@ def row_stride(S: torch.Tensor) -> int:
     # a single row may carry any stride (e.g. a slice of a transpose); the kernels only
     # need one that keeps rows apart
     return S.stride(0) if S.shape[0] > 1 else S.shape[1]
+
+
+def row_lse_call(S: torch.Tensor, scale: float, g):
+    """The output buffer and the leading arguments of a compiled ``row_lse``.
+
+    Both modules take ``(s_ptr, n, m, row_stride, dtype, scale, g_ptr, out_ptr, ...)``;
+    the caller appends its launch argument (thread count or stream).
+    """
+    N, M = S.shape
+    acc = torch.float64 if S.dtype == torch.float64 else torch.float32
+    out = torch.empty(N, dtype=acc, device=S.device)
+    g_ptr = 0
+    if g is not None:
+        g = g.contiguous()
+        g_ptr = g.data_ptr()
+    args = (S.data_ptr(), N, M, row_stride(S), DTYPE_CODES[S.dtype], float(scale), g_ptr,
+            out.data_ptr())
+    return out, g, args

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import _native
-from .base import Tensor, acc_dtype
+from .base import Tensor
 from .torch import TorchBackend
 
 
@@ -35,13 +35,8 @@ class CudaBackend(TorchBackend):
         self._C = _native.require("_C_cuda")
 
     def row_lse(self, S: Tensor, scale: float, g: Optional[Tensor] = None) -> Tensor:
-        N, M = S.shape
-        out = torch.empty(N, dtype=acc_dtype(S.dtype), device=S.device)
-        if g is not None:
-            g = g.contiguous()
+        out, _g_alive, args = _native.row_lse_call(S, scale, g)
+        # the module links its own cudart: make the tensor's device current for the launch
         with torch.cuda.device(S.device):
-            self._C.row_lse(S.data_ptr(), N, M, _native.row_stride(S),
-                            _native.DTYPE_CODES[S.dtype], float(scale),
-                            0 if g is None else g.data_ptr(), out.data_ptr(),
-                            torch.cuda.current_stream(S.device).cuda_stream)
+            self._C.row_lse(*args, torch.cuda.current_stream(S.device).cuda_stream)
         return out

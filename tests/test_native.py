@@ -1,0 +1,47 @@
+"""The compiled CPU module through its raw-pointer binding: errors and determinism."""
+
+import pytest
+import torch
+
+import ncl_kernels as nk
+from conftest import random_scores
+
+if not nk.backends()["cpu"]["usable"]:
+    pytest.skip("the C++ CPU module is not built", allow_module_level=True)
+
+from ncl_kernels import _C_cpu  # noqa: E402
+from ncl_kernels.backends.cpu import CpuBackend  # noqa: E402
+
+
+def test_build_info_and_dtype_codes():
+    info = _C_cpu.build_info()
+    assert {"version", "compiler", "openmp"} <= set(info)
+    assert (_C_cpu.DTYPE_F32, _C_cpu.DTYPE_F64, _C_cpu.DTYPE_F16, _C_cpu.DTYPE_BF16) == (0, 1, 2, 3)
+
+
+def test_binding_refuses_bad_arguments():
+    S = torch.zeros(3, 4)
+    out = torch.empty(3)
+    with pytest.raises(ValueError, match="dtype"):
+        _C_cpu.row_lse(S.data_ptr(), 3, 4, 4, 9, 1.0, 0, out.data_ptr(), 1)
+    with pytest.raises(ValueError, match="row_stride"):
+        _C_cpu.row_lse(S.data_ptr(), 3, 4, 2, 0, 1.0, 0, out.data_ptr(), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_row_lse_bitwise_equal_across_thread_counts(dtype):
+    S = random_scores(301, 517, dtype, seed=5, strided=True, scale=3.0)
+    S[7, 100:] = float("-inf")
+    g = torch.randn(517, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    be = CpuBackend()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(be.row_lse(S, 4.0, g))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+    expect = torch.logsumexp(4.0 * S.double() + g.double(), 1)
+    torch.testing.assert_close(results[0].double(), expect, rtol=1e-6, atol=0)
