@@ -52,3 +52,12 @@ def test_import_without_compiled_modules():
                           cwd=str(ROOT / "tests"), env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_python_dash_m_example_runs():
+    env = dict(os.environ, PYTHONPATH=str(Path(ncl_kernels.__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-m", "ncl_kernels"], capture_output=True,
+                          text=True, cwd=str(ROOT / "tests"), env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for word in ("torch", "usable", "R@1", "ncl", "qbnorm"):
+        assert word in done.stdout
