@@ -4,13 +4,13 @@
 // Python int) plus shape, row stride (in elements) and a dtype code. The build therefore
 // needs no torch and one built module survives torch upgrades. Checking that pointers,
 // shapes and dtypes actually match the tensors is the Python side's job
-// (ncl_kernels/_validate.py); here we only refuse what would certainly crash.
+// (ncl_kernels/_validate.py); bindings_common.h refuses what would certainly crash.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
 #include <string>
 
-#include "common/ncl_math.h"
+#include "bindings_common.h"
 #include "cpu/primitives.h"
 
 #ifdef _OPENMP
@@ -28,25 +28,10 @@ namespace py = pybind11;
 
 namespace {
 
-void check_dtype(int dtype) {
-  if (dtype < ncl::F32 || dtype > ncl::BF16)
-    throw py::value_error("unknown dtype code " + std::to_string(dtype) +
-                          " (expected DTYPE_F32=0, DTYPE_F64=1, DTYPE_F16=2, DTYPE_BF16=3)");
-}
-
-void check_block(int64_t n, int64_t m, int64_t row_stride, uintptr_t s_ptr) {
-  if (n < 0 || m < 0)
-    throw py::value_error("negative shape: n=" + std::to_string(n) + ", m=" + std::to_string(m));
-  if (row_stride < m)
-    throw py::value_error("row_stride=" + std::to_string(row_stride) + " < m=" + std::to_string(m));
-  if (n > 0 && m > 0 && s_ptr == 0) throw py::value_error("null scores pointer");
-}
-
 void row_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
              uintptr_t g_ptr, uintptr_t out_ptr, int n_threads) {
-  check_dtype(dtype);
-  check_block(n, m, row_stride, s_ptr);
-  if (n > 0 && out_ptr == 0) throw py::value_error("null output pointer");
+  ncl::bindings::check_dtype(dtype);
+  ncl::bindings::check_row_block(n, m, row_stride, s_ptr, out_ptr);
   py::gil_scoped_release no_gil;
   ncl::cpu::row_lse(reinterpret_cast<const void*>(s_ptr), n, m, row_stride, dtype, scale,
                     reinterpret_cast<const void*>(g_ptr), reinterpret_cast<void*>(out_ptr),
@@ -74,10 +59,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C_cpu, mod) {
   mod.doc() = "ncl_kernels CPU primitives (raw-pointer interface; see ncl_kernels.backends.cpu)";
 
-  mod.attr("DTYPE_F32") = int(ncl::F32);
-  mod.attr("DTYPE_F64") = int(ncl::F64);
-  mod.attr("DTYPE_F16") = int(ncl::F16);
-  mod.attr("DTYPE_BF16") = int(ncl::BF16);
+  ncl::bindings::add_dtype_codes(mod);
 
   mod.def("row_lse", &row_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
           py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("g_ptr"),

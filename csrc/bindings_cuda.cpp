@@ -17,7 +17,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "common/ncl_math.h"
+#include "bindings_common.h"
 #include "cuda/primitives.cuh"
 
 namespace py = pybind11;
@@ -39,15 +39,8 @@ void check(cudaError_t e, const char* what) {
 
 void row_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
              uintptr_t g_ptr, uintptr_t out_ptr, uintptr_t stream) {
-  if (dtype < ncl::F32 || dtype > ncl::BF16)
-    throw py::value_error("unknown dtype code " + std::to_string(dtype) +
-                          " (expected DTYPE_F32=0, DTYPE_F64=1, DTYPE_F16=2, DTYPE_BF16=3)");
-  if (n < 0 || m < 0)
-    throw py::value_error("negative shape: n=" + std::to_string(n) + ", m=" + std::to_string(m));
-  if (row_stride < m)
-    throw py::value_error("row_stride=" + std::to_string(row_stride) + " < m=" + std::to_string(m));
-  if (n > 0 && m > 0 && s_ptr == 0) throw py::value_error("null scores pointer");
-  if (n > 0 && out_ptr == 0) throw py::value_error("null output pointer");
+  ncl::bindings::check_dtype(dtype);
+  ncl::bindings::check_row_block(n, m, row_stride, s_ptr, out_ptr);
   cudaError_t e;
   {
     py::gil_scoped_release no_gil;  // a launch can block when the stream's queue is full
@@ -89,10 +82,7 @@ py::dict build_info() {
 PYBIND11_MODULE(_C_cuda, mod) {
   mod.doc() = "ncl_kernels CUDA primitives (raw-pointer interface; see ncl_kernels.backends.cuda)";
 
-  mod.attr("DTYPE_F32") = int(ncl::F32);
-  mod.attr("DTYPE_F64") = int(ncl::F64);
-  mod.attr("DTYPE_F16") = int(ncl::F16);
-  mod.attr("DTYPE_BF16") = int(ncl::BF16);
+  ncl::bindings::add_dtype_codes(mod);
 
   mod.def("row_lse", &row_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
           py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("g_ptr"),
