@@ -73,17 +73,14 @@ class Backend:
         raise NotImplementedError
 
     # -- streaming primitives (generic: matmul a chunk of rows, reduce it densely) -------
-    def _xy_rows(self, X: Tensor, Y: Tensor):
-        acc = acc_dtype(X.dtype)
-        Ya = Y.to(acc)
-        for start, stop in row_chunks(X.shape[0], Y.shape[0], self.chunk_elems):
-            yield start, stop, X[start:stop].to(acc) @ Ya.T
-
     def row_lse_xy(self, X: Tensor, Y: Tensor, scale: float,
                    g: Optional[Tensor] = None) -> Tensor:
-        out = torch.empty(X.shape[0], dtype=acc_dtype(X.dtype), device=X.device)
-        for start, stop, S in self._xy_rows(X, Y):
-            out[start:stop] = self.row_lse(S, scale, g)
+        acc = acc_dtype(X.dtype)
+        Ya = Y.to(acc)
+        out = torch.empty(X.shape[0], dtype=acc, device=X.device)
+        for start, stop in row_chunks(X.shape[0], Y.shape[0], self.chunk_elems):
+            # the chunk of S is a temporary of this statement: one chunk alive at a time
+            out[start:stop] = self.row_lse(X[start:stop].to(acc) @ Ya.T, scale, g)
         return out
 
     def col_lse_xy(self, X: Tensor, Y: Tensor, scale: float,
@@ -113,5 +110,6 @@ class Backend:
                 torch.matmul(S, Ya, out=dX[start:stop])
             if need_dy:
                 dY.addmm_(S.T, Xa[start:stop])
+            del S  # free this chunk before the next one is multiplied
         return (None if dX is None else dX.to(X.dtype),
                 None if dY is None else dY.to(Y.dtype), ds)

@@ -17,10 +17,23 @@ from .base import Backend, Tensor, acc_dtype, row_chunks
 NEG_INF = float("-inf")
 
 
-def softmax_part(x: Tensor, lse: Tensor) -> Tensor:
-    """``exp(x - lse)``, with 0 where ``lse`` is -inf (then x is -inf too, not NaN)."""
-    return torch.where(lse == NEG_INF, torch.zeros((), dtype=x.dtype, device=x.device),
-                       torch.exp(x - lse))
+def _lse_(L: Tensor, dim: int) -> Tensor:
+    """``logsumexp(L, dim)`` that reuses ``L`` as its scratch buffer (L is destroyed).
+
+    ``torch.logsumexp`` allocates temporaries the size of its input; here the only
+    chunk-sized buffer is the caller's. An all -inf slice gives -inf (its max is taken as 0
+    so that no (-inf) - (-inf) is formed).
+    """
+    top = L.amax(dim, keepdim=True)
+    top.masked_fill_(top == NEG_INF, 0.0)
+    L.sub_(top).exp_()
+    return torch.log(L.sum(dim)) + top.squeeze(dim)
+
+
+def _softmax_part_(x: Tensor, lse: Tensor) -> Tensor:
+    """``x <- exp(x - lse)`` in place, with 0 where ``lse`` is -inf (then x is -inf too)."""
+    x.sub_(lse).exp_()
+    return x.masked_fill_(lse == NEG_INF, 0.0)
 
 
 class TorchBackend(Backend):
@@ -33,10 +46,10 @@ class TorchBackend(Backend):
         acc = acc_dtype(S.dtype)
         out = torch.empty(S.shape[0], dtype=acc, device=S.device)
         for start, stop in self._chunks(S):
-            L = S[start:stop].to(acc) * scale
+            L = S[start:stop].to(acc) * scale   # a new buffer, even when S is acc already
             if g is not None:
                 L += g
-            torch.logsumexp(L, 1, out=out[start:stop])
+            out[start:stop] = _lse_(L, 1)
         return out
 
     def col_lse(self, S: Tensor, scale: float, f: Optional[Tensor] = None) -> Tensor:
@@ -46,7 +59,7 @@ class TorchBackend(Backend):
             L = S[start:stop].to(acc) * scale
             if f is not None:
                 L += f[start:stop, None]
-            out = torch.logaddexp(out, torch.logsumexp(L, 0))
+            out = torch.logaddexp(out, _lse_(L, 0))
         return out
 
     def ncl_grad_(self, S, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
@@ -57,11 +70,15 @@ class TorchBackend(Backend):
         cols = torch.arange(M, device=S.device)
         for start, stop in self._chunks(S):
             Sa = S[start:stop].to(acc)          # may alias S when S is already acc
-            L = Sa * scale
             rows = torch.arange(stop - start, device=S.device)
             cr = coef_row[start:stop]
-            G = softmax_part(L + g, lse_row[start:stop, None]) * cr[:, None]
-            G += softmax_part(L + f[start:stop, None], lse_col[None, :]) * coef_col
+            # two chunk buffers: G (the row term, then the sum) and T (the column term,
+            # then G * S for dscale). The logits are rounded exactly as in row_lse and
+            # col_lse, so a softmax that should be exactly 1 is.
+            G = Sa * scale
+            T = G + f[start:stop, None]
+            _softmax_part_(G.add_(g), lse_row[start:stop, None]).mul_(cr[:, None])
+            G.add_(_softmax_part_(T, lse_col[None, :]).mul_(coef_col))
             # the "- [j = y_i]" and "- [i = z_j]" terms, without host syncs: entries whose
             # target lies elsewhere subtract zero at a clamped (harmless) position.
             yc = y[start:stop]
@@ -71,9 +88,9 @@ class TorchBackend(Backend):
             G.index_put_((zi.clamp(0, stop - start - 1), cols), -coef_col * here,
                          accumulate=True)
             # masked (-inf) scores do not depend on the scale: they add nothing to dscale
-            ds += torch.where(Sa == NEG_INF, 0.0, G * Sa).sum()
+            ds += torch.mul(G, Sa, out=T).masked_fill_(Sa == NEG_INF, 0.0).sum()
             if out is not None:
-                out[start:stop] = G * scale
+                out[start:stop] = G.mul_(scale)
         return ds
 
     def apply_biases_(self, S, scale, f=None, g=None):
