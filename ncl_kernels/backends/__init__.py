@@ -1,10 +1,13 @@
 """Backend registry: which backends exist, which are usable here, and picking one.
 
-``backend="auto"`` picks, for the tensors' device:
+``backend="auto"`` picks the fastest backend measured for the tensors' device
+(bench/RESULTS.md). Today that is ``"torch"`` everywhere:
 
-* CPU tensors: ``"cpu"`` (the C++ module) when it is built, else ``"torch"``;
-* CUDA tensors: ``"torch"`` for now. The CUDA and Triton kernels join ``auto`` once they
-  have been checked on a GPU; until then name them explicitly.
+* CPU tensors: the C++ module's ``row_lse`` still uses a scalar ``exp`` and is up to about
+  2x slower than the chunked PyTorch pass in float32/bfloat16/float16 (it wins in
+  float64), so ``"cpu"`` is used when named, until its SIMD kernels land;
+* CUDA tensors: the CUDA and Triton kernels join ``auto`` once they have been measured on
+  a GPU; until then name them explicitly.
 """
 
 from __future__ import annotations
@@ -63,8 +66,6 @@ def _instance(name: str) -> Backend:
 def get(name: str, device: torch.device) -> Backend:
     """The backend object for ``name`` (or ``"auto"``) and tensors on ``device``."""
     if name == "auto":
-        if device.type == "cpu" and _status("cpu")[1]:
-            return _instance("cpu")
         return _instance("torch")
     if name not in NAMES:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, NAMES))}; "
