@@ -216,7 +216,8 @@ def weights(value: Sequence[float]) -> Tuple[float, float]:
     try:
         w_row, w_col = (float(w) for w in value)
     except (TypeError, ValueError):
-        raise TypeError(f"weights must be a pair of numbers (w_row, w_col); got {value!r}")
+        raise TypeError(f"weights must be a pair of numbers (w_row, w_col); got "
+                        f"{value!r}") from None
     if not all(math.isfinite(w) and w >= 0 for w in (w_row, w_col)):
         raise ValueError(f"weights must be finite and >= 0; got {value!r}")
     return w_row, w_col
