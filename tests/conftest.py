@@ -32,6 +32,11 @@ def pytest_configure(config):
                                     f"{info['why']}")
 
 
+def child_env(**extra):
+    """Environment for a child Python that imports the very ncl_kernels this session did."""
+    return dict(os.environ, PYTHONPATH=str(Path(ncl_kernels.__file__).parents[1]), **extra)
+
+
 def cpu_backends():
     names = ["torch"]
     if ncl_kernels.backends()["cpu"]["usable"]:

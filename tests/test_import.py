@@ -1,13 +1,10 @@
 """The package imports and works without its compiled modules; backends() says why."""
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import ncl_kernels
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 
 def test_backends_report_shape():
@@ -46,18 +43,15 @@ def test_import_without_compiled_modules():
             raise AssertionError("backend='cpu' should have been refused")
         print("ok")
     """)
-    # the child imports the very ncl_kernels this test session imported
-    env = dict(os.environ, PYTHONPATH=str(Path(ncl_kernels.__file__).parents[1]))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=str(ROOT / "tests"), env=env)
+                          cwd=str(ROOT / "tests"), env=child_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
 
 def test_python_dash_m_example_runs():
-    env = dict(os.environ, PYTHONPATH=str(Path(ncl_kernels.__file__).parents[1]))
     done = subprocess.run([sys.executable, "-m", "ncl_kernels"], capture_output=True,
-                          text=True, cwd=str(ROOT / "tests"), env=env, timeout=300)
+                          text=True, cwd=str(ROOT / "tests"), env=child_env(), timeout=300)
     assert done.returncode == 0, done.stderr
     for word in ("torch", "usable", "R@1", "ncl", "qbnorm"):
         assert word in done.stdout

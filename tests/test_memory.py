@@ -1,13 +1,10 @@
 """The embedding forms never hold an N x M matrix: peak memory stays O(chunk x M)."""
 
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-import ncl_kernels
-from conftest import ROOT
+from conftest import ROOT, child_env
 
 # N = M = 8192: a float32 score matrix would be 256 MiB; chunks are 16 MiB.
 CODE = textwrap.dedent("""
@@ -31,10 +28,9 @@ CODE = textwrap.dedent("""
 def test_embedding_forms_peak_memory():
     # glibc keeps freed large blocks mapped under its adaptive threshold; a fixed threshold
     # makes every chunk-sized buffer its own mapping, so peak RSS measures live memory
-    env = dict(os.environ, PYTHONPATH=str(Path(ncl_kernels.__file__).parents[1]),
-               MALLOC_MMAP_THRESHOLD_="1048576")
     done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
-                          cwd=str(ROOT / "tests"), env=env, timeout=600)
+                          cwd=str(ROOT / "tests"), timeout=600,
+                          env=child_env(MALLOC_MMAP_THRESHOLD_="1048576"))
     assert done.returncode == 0, done.stderr
     growth_mib = float(done.stdout.strip())
     # a materialized matrix alone would add 256 MiB; chunks are 16 MiB, and the backward

@@ -12,6 +12,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .base import acc_dtype
+
 _cache: Dict[str, Tuple[Optional[object], str]] = {}
 
 #: storage dtype -> the dtype code of csrc/common/ncl_math.h
@@ -54,8 +56,7 @@ def row_lse_call(S: torch.Tensor, scale: float, g):
     the caller appends its launch argument (thread count or stream).
     """
     N, M = S.shape
-    acc = torch.float64 if S.dtype == torch.float64 else torch.float32
-    out = torch.empty(N, dtype=acc, device=S.device)
+    out = torch.empty(N, dtype=acc_dtype(S.dtype), device=S.device)
     g_ptr = 0
     if g is not None:
         g = g.contiguous()
