@@ -16,6 +16,13 @@ MODES = ("auto", "dense", "streaming")
 _QUEUE = ("queue_text", "queue_video", "queue_video_mass")
 
 
+def _pad_targets(t: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """Targets of the batch, then ``-1`` (no loss term) for the queued rows/columns."""
+    if t is None or t.shape[0] == n:
+        return t
+    return torch.cat([t, t.new_full((n - t.shape[0],), -1)])
+
+
 class NCLLoss(nn.Module):
     """Normalized contrastive loss between text and video (or image) features.
 
@@ -144,11 +151,9 @@ class NCLLoss(nn.Module):
             mass = torch.cat([torch.ones(Vb, dtype=torch.float64, device=x.device)
                               if counts is None else counts, queued[2].double()])
         NT, MT = X.shape[0], Y.shape[0]
-        pad = (lambda t, n: t if t is None or t.shape[0] == n else
-               torch.cat([t, t.new_full((n - t.shape[0],), -1)]))
         if y_t is None and queued is not None:
             y_t, z_t = V.default_targets(N, Vb, x.device)
-        y_t, z_t = pad(y_t, NT), pad(z_t, MT)
+        y_t, z_t = _pad_targets(y_t, NT), _pad_targets(z_t, MT)
         col_mass = None
         if counts is not None or (queued is not None and not
                                   bool((self.queue_video_mass == 1).all())):
