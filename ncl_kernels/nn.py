@@ -155,9 +155,10 @@ class NCLLoss(nn.Module):
             y_t, z_t = V.default_targets(N, Vb, x.device)
         y_t, z_t = _pad_targets(y_t, NT), _pad_targets(z_t, MT)
         col_mass = None
-        if counts is not None or (queued is not None and not
-                                  bool((self.queue_video_mass == 1).all())):
-            # proportional to caption counts, with the rows' total (SPEC.md section 1)
+        if mass is not None:
+            # proportional to caption counts, with the rows' total (SPEC.md section 1); with
+            # one caption per video this is the uniform default (decided without reading
+            # data, so that a compiled step has no data-dependent branch)
             col_mass = mass * (NT / mass.sum())
         dense = self.mode == "dense" or (self.mode == "auto" and NT * MT <= self.stream_above)
         options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend,

@@ -126,3 +126,20 @@ def test_compiled_float_scale_and_bad_data_raises():
     bad[2, 1] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         step(bad, y)
+
+
+@pytest.mark.slow
+def test_compiled_nclloss_with_queue_matches_eager():
+    # the queue changes shape while it fills (0, 4, then 6 rows): a recompile each time,
+    # then a stable graph; buffer updates happen inside the compiled step
+    eager = nk.NCLLoss(n_iters=3, queue_size=6, backend="torch")
+    module = nk.NCLLoss(n_iters=3, queue_size=6, backend="torch")
+    compiled = torch.compile(module, fullgraph=True)
+    for step in range(4):
+        x, y = random_embeddings(4, 4, 8, torch.float32, seed=10 + step)
+        s = torch.tensor(10.0)
+        want = _run(eager, torch.float32, (x, y, s), (True, True, True))
+        got = _run(compiled, torch.float32, (x, y, s), (True, True, True))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(module.queue_text, eager.queue_text)
