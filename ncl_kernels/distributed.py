@@ -74,6 +74,18 @@ def _all_reduce_lse(partial: Tensor, group) -> Tensor:
     return torch.log(total) + top
 
 
+def _agree(error: Optional[Exception], device, group) -> None:
+    """Raise on every rank when any rank has an error, instead of leaving the others
+    waiting in the next collective: the rank's own error, or one naming the other rank."""
+    flag = torch.tensor([0 if error is None else 1 + dist.get_rank(group)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if error is not None:
+        raise error
+    if int(flag):
+        raise ValueError(f"rank {int(flag) - 1} refused its input (see the error raised on "
+                         f"that rank); no rank computed the loss")
+
+
 def _all_sum(t: Tensor, group) -> Tensor:
     t = t.clone()
     dist.all_reduce(t, group=group)
@@ -97,6 +109,8 @@ class _DistLoss(torch.autograd.Function):
     def forward(ctx, x, y, scale_t, s, be, lay, group, yt, z, r, c, n_iters, weights):
         acc = acc_dtype(x.dtype)
         Y = _gather_rows(y, lay.cols, group)
+        # (finite embeddings: every row pass is finite, so the local feasibility check of
+        # solve() cannot fire on one rank alone; the column check sees replicated data)
         fw = _biases_and_lses(lambda g_: be.row_lse_xy(x, Y, s, g_),
                               lambda f_: _all_reduce_lse(be.col_lse_xy(x, Y, s, f_), group),
                               r, c, n_iters, None, None)
@@ -141,13 +155,18 @@ class _DistLoss(torch.autograd.Function):
         return (dx, dy if ctx.needs_input_grad[1] else None, dscale) + (None,) * 10
 
 
-def _masses(row_mass, col_mass, x, lay: _Layout, group):
-    acc, dev = acc_dtype(x.dtype), x.device
+def _local_masses(row_mass, col_mass, x: Tensor, m_local: int):
+    """This rank's mass slices, checked (no communication)."""
     r = None if row_mass is None else V._mass("row_mass", row_mass, x.shape[0], x)
-    c = None if col_mass is None else _gather_rows(
-        V._mass_meta("col_mass", col_mass, lay.cols[dist.get_rank(group)], x), lay.cols, group)
-    if c is not None:
-        c = V._mass_values("col_mass", c)
+    c = None if col_mass is None else V._mass_values(
+        "col_mass", V._mass_meta("col_mass", col_mass, m_local, x))
+    return r, c
+
+
+def _global_masses(r, c, x: Tensor, lay: _Layout, group):
+    """SPEC.md section 1's defaults and total rule over the global batch."""
+    acc, dev = acc_dtype(x.dtype), x.device
+    c = None if c is None else _gather_rows(c, lay.cols, group)
     if r is None and c is None:
         r = torch.ones(x.shape[0], dtype=acc, device=dev)
     total_r = None if r is None else float(_all_sum(r.sum(), group))
@@ -155,7 +174,7 @@ def _masses(row_mass, col_mass, x, lay: _Layout, group):
         r = torch.full((x.shape[0],), float(c.sum()) / lay.N, dtype=acc, device=dev)
     if c is None:
         c = torch.full((lay.M,), total_r / lay.M, dtype=acc, device=dev)
-    if total_r is not None:
+    if total_r is not None:  # the same numbers on every rank: all raise together
         tc = float(c.sum())
         if abs(total_r - tc) > V.MASS_RTOL * max(total_r, tc):
             raise ValueError(f"row_mass and col_mass must have the same total over all ranks "
@@ -186,28 +205,41 @@ def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=No
         The global loss (the same value on every rank). See the module docstring for the
         gradients and how they compose with DistributedDataParallel.
 
-    Every rank must call this collectively with the same options; a ``ValueError`` about
-    one rank's data is raised on that rank (the others then wait in the next collective).
+    Every rank must call this collectively with the same options. When one rank's
+    arguments are refused, every rank raises: that rank
+    its own ``ValueError``/``TypeError``, the others a ``ValueError`` naming that rank.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ncl_kernels.distributed needs an initialized torch.distributed "
                            "process group (torch.distributed.init_process_group)")
-    x, y = V.embeddings(x_local, y_local)
-    scale_t = scale if isinstance(scale, Tensor) else None
-    s = V.scale(scale)
-    V.iterations(n_iters, None, 1)
-    w = V.weights(weights)
+    device = x_local.device if isinstance(x_local, Tensor) else torch.device("cpu")
+    error = None
+    try:  # the checks of this rank's own arguments; every rank then agrees
+        x, y = V.embeddings(x_local, y_local)
+        scale_t = scale if isinstance(scale, Tensor) else None
+        s = V.scale(scale)
+        V.iterations(n_iters, None, 1)
+        w = V.weights(weights)
+        be = get_backend(backend, x.device)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _agree(error, device, group)
     lay = _Layout(x.shape[0], y.shape[0], x.device, group)
     rank = dist.get_rank(group)
     yt, zt = V.default_targets(lay.N, lay.M, x.device)
-    yt = yt[lay.row0:lay.row0 + x.shape[0]]
-    if row_targets is not None:
-        yt = V._target_values("row_targets", V._target_meta(
-            "row_targets", row_targets, x.shape[0], x), lay.M, "column")
-    if col_targets is not None:
-        local = V._target_values("col_targets", V._target_meta(
-            "col_targets", col_targets, lay.cols[rank], x), lay.N, "row")
-        zt = _gather_rows(local, lay.cols, group)
-    r, c = _masses(row_mass, col_mass, x, lay, group)
-    be = get_backend(backend, x.device)
+    yt, local_z = yt[lay.row0:lay.row0 + x.shape[0]], None
+    try:
+        if row_targets is not None:
+            yt = V._target_values("row_targets", V._target_meta(
+                "row_targets", row_targets, x.shape[0], x), lay.M, "column")
+        if col_targets is not None:
+            local_z = V._target_values("col_targets", V._target_meta(
+                "col_targets", col_targets, lay.cols[rank], x), lay.N, "row")
+        r, c = _local_masses(row_mass, col_mass, x, lay.cols[rank])
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _agree(error, x.device, group)
+    if local_z is not None:
+        zt = _gather_rows(local_z, lay.cols, group)
+    r, c = _global_masses(r, c, x, lay, group)
     return _DistLoss.apply(x, y, scale_t, s, be, lay, group, yt, zt, r, c, n_iters, w)

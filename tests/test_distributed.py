@@ -51,6 +51,16 @@ def _worker(rank, world, init, out_dir, backend):
                          v[cs] if k == "col_targets" else v) for k, v in kw.items()}
             results[case] = _run(nk.distributed.ncl_loss_embeddings, x[rs], y[cs],
                                  backend=backend, **local)
+        # one rank's bad input: every rank raises instead of hanging in a collective
+        x, y, _ = _global_problem("default")
+        x_bad = x[_slices(ROWS[world], rank)].clone()
+        if rank == 1:
+            x_bad[0, 0] = float("nan")
+        try:
+            nk.distributed.ncl_loss_embeddings(x_bad, y[_slices(COLS[world], rank)], 3.0)
+            results["refusal"] = "none"
+        except ValueError as exc:
+            results["refusal"] = str(exc)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -72,6 +82,9 @@ def test_matches_single_process(world, tmp_path, backend):
             assert rel_err(dy_r, dy[_slices(COLS[world], rank)]) < 1e-8, (case, rank)
         # each rank holds its share of dscale; the shares sum to the full derivative
         assert rel_err(sum(res[case][3] for res in per_rank), ds) < 1e-8, case
+    for rank, results in enumerate(per_rank):
+        expect = "NaN or inf" if rank == 1 else "rank 1 refused its input"
+        assert expect in results["refusal"], (rank, results["refusal"])
 
 
 def test_needs_an_initialized_group():
