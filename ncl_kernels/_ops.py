@@ -205,6 +205,7 @@ def _dense_setup(ctx, inputs, output):
     (S, scale_t, scale_f, backend, row_targets, col_targets, _r, _c, _f, _g, _n, w_row,
      w_col, inplace) = inputs
     _loss, f, g, lse_row, lse_col = output
+    ctx.mark_non_differentiable(f, g, lse_row, lse_col)   # stop-gradient biases
     ctx.save_for_backward(S, scale_t, row_targets, col_targets, f, g, lse_row, lse_col)
     ctx.options = (scale_f, backend, w_row, w_col, inplace)
 
@@ -291,6 +292,7 @@ def _xy_setup(ctx, inputs, output):
     (X, Y, scale_t, scale_f, backend, row_targets, col_targets, _r, _c, _f, _g, _n, w_row,
      w_col) = inputs
     _loss, f, g, lse_row, lse_col = output
+    ctx.mark_non_differentiable(f, g, lse_row, lse_col)   # stop-gradient biases
     ctx.save_for_backward(X, Y, scale_t, row_targets, col_targets, f, g, lse_row, lse_col)
     ctx.options = (scale_f, backend, w_row, w_col)
 
