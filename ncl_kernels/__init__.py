@@ -5,21 +5,23 @@ package imports (and its PyTorch backend works) without them; :func:`backends` s
 usable here and why not.
 """
 
-from . import retrieval
+from . import distributed, retrieval
 from .backends import backends
 from .loss import apply_biases_, ncl_loss, ncl_loss_embeddings
 from .nn import NCLLoss
-from .sinkhorn import (SinkhornConvergenceWarning, SinkhornResult, sinkhorn,
-                       sinkhorn_embeddings)
+from .sinkhorn import (SinkhornConvergenceError, SinkhornConvergenceWarning, SinkhornResult,
+                       sinkhorn, sinkhorn_embeddings)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "NCLLoss",
+    "SinkhornConvergenceError",
     "SinkhornConvergenceWarning",
     "SinkhornResult",
     "apply_biases_",
     "backends",
+    "distributed",
     "ncl_loss",
     "ncl_loss_embeddings",
     "retrieval",

@@ -4,6 +4,12 @@ Each check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`
 shape or value) with a message naming the argument, what was expected and what was given.
 Checks that look at tensor values (NaN, +inf, ranges) cost one reduction each; on CUDA
 tensors that is one host synchronization per check.
+
+Checks come in two kinds, so that ``torch.compile`` can trace the loss without graph
+breaks: ``*_meta`` checks read only metadata (type, shape, dtype, device, strides) and run
+in traced Python; ``*_values`` checks read tensor data and run inside the custom ops of
+``ncl_kernels._ops`` (before any kernel there). The plain names (``scores``,
+``embeddings``, ``scale``, ...) run both, for the eager-only entry points.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ def _storage(name: str, x: Tensor) -> None:
 
 def scores(S, name: str = "scores") -> Tensor:
     """A 2-D score matrix: non-empty, unit column stride, no NaN or +inf (-inf is a mask)."""
+    return scores_values(scores_meta(S, name), name)
+
+
+def scores_meta(S, name: str = "scores") -> Tensor:
+    """The metadata half of :func:`scores` (no data is read)."""
     S = _tensor(name, S)
     if S.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N x M); got shape {tuple(S.shape)}")
@@ -52,6 +63,11 @@ def scores(S, name: str = "scores") -> Tensor:
     if m > 1 and S.stride(1) != 1:
         raise ValueError(f"{name} must have column stride 1 (rows may be strided); got "
                          f"strides {S.stride()} — pass .contiguous()")
+    return S
+
+
+def scores_values(S: Tensor, name: str = "scores") -> Tensor:
+    """The data half of :func:`scores`: no NaN, no +inf."""
     top = S.max()  # one read: NaN propagates through max, +inf is the max
     if torch.isnan(top):
         raise ValueError(f"{name} contains NaN")
@@ -62,6 +78,11 @@ def scores(S, name: str = "scores") -> Tensor:
 
 def embeddings(x, y) -> Tuple[Tensor, Tensor]:
     """Query and item embeddings: 2-D, same D, dtype and device, finite."""
+    return embeddings_values(*embeddings_meta(x, y))
+
+
+def embeddings_meta(x, y) -> Tuple[Tensor, Tensor]:
+    """The metadata half of :func:`embeddings`."""
     for name, t in (("x", x), ("y", y)):
         t = _tensor(name, t)
         if t.dim() != 2:
@@ -76,6 +97,11 @@ def embeddings(x, y) -> Tuple[Tensor, Tensor]:
     if x.dtype != y.dtype:
         raise TypeError(f"x and y must have the same dtype; got {x.dtype} and {y.dtype}")
     same_device(x=x, y=y)
+    return x, y
+
+
+def embeddings_values(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """The data half of :func:`embeddings`: every entry finite."""
     for name, t in (("x", x), ("y", y)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf (embeddings must be finite)")
@@ -95,16 +121,29 @@ def same_device(**tensors) -> None:
 
 def scale(value) -> float:
     """``scale > 0``: a Python number or a 0-dim floating tensor (returned as a float)."""
+    return scale_value(*scale_meta(value))
+
+
+def scale_meta(value) -> Tuple[Optional[Tensor], float]:
+    """The metadata half of :func:`scale`: ``(tensor, 0.0)`` or ``(None, number)``.
+
+    A Python number is checked completely here (it is a constant under tracing).
+    """
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"scale must be a number or a 0-dim floating tensor; got "
                             f"{_describe(value)}")
-        number = float(value.detach())
-    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        raise TypeError(f"scale must be a number or a 0-dim floating tensor; got "
-                        f"{_describe(value)}")
+        return value, 0.0
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return None, scale_value(None, float(value))
+    raise TypeError(f"scale must be a number or a 0-dim floating tensor; got "
+                    f"{_describe(value)}")
+
+
+def scale_value(tensor: Optional[Tensor], number: float) -> float:
+    """The data half of :func:`scale`: the value as a float, finite and > 0."""
+    if tensor is not None:
+        number = float(tensor.detach())
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"scale must be finite and > 0; got {number}")
     return number
@@ -123,6 +162,10 @@ def iterations(n_iters, tol, check_every) -> None:
 
 
 def _mass(name: str, value, length: int, like: Tensor) -> Tensor:
+    return _mass_values(name, _mass_meta(name, value, length, like))
+
+
+def _mass_meta(name: str, value, length: int, like: Tensor) -> Tensor:
     t = torch.as_tensor(value)
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"{name} must be a 1-D tensor of length {length}; got shape "
@@ -131,7 +174,10 @@ def _mass(name: str, value, length: int, like: Tensor) -> Tensor:
         raise TypeError(f"{name} must be a real tensor; got {t.dtype}")
     if isinstance(value, Tensor):
         same_device(**{name: value, "scores": like})
-    t = t.to(device=like.device, dtype=acc_dtype(like.dtype))
+    return t.to(device=like.device, dtype=acc_dtype(like.dtype))
+
+
+def _mass_values(name: str, t: Tensor) -> Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
     if bool((t < 0).any()):
@@ -143,9 +189,23 @@ def _mass(name: str, value, length: int, like: Tensor) -> Tensor:
 
 def masses(row_mass, col_mass, n: int, m: int, like: Tensor) -> Tuple[Tensor, Tensor]:
     """Row and column masses with SPEC.md section 1's defaults and total rule."""
+    return masses_values(*masses_meta(row_mass, col_mass, n, m, like), n, m, like)
+
+
+def masses_meta(row_mass, col_mass, n: int, m: int, like: Tensor):
+    """The metadata half of :func:`masses`: given masses as accumulation-dtype tensors
+    on ``like``'s device (``None`` stays ``None``)."""
+    r = None if row_mass is None else _mass_meta("row_mass", row_mass, n, like)
+    c = None if col_mass is None else _mass_meta("col_mass", col_mass, m, like)
+    return r, c
+
+
+def masses_values(r: Optional[Tensor], c: Optional[Tensor], n: int, m: int,
+                  like: Tensor) -> Tuple[Tensor, Tensor]:
+    """The data half of :func:`masses`: value checks, defaults and the total rule."""
     dt, dev = acc_dtype(like.dtype), like.device
-    r = None if row_mass is None else _mass("row_mass", row_mass, n, like)
-    c = None if col_mass is None else _mass("col_mass", col_mass, m, like)
+    r = None if r is None else _mass_values("row_mass", r)
+    c = None if c is None else _mass_values("col_mass", c)
     if r is None and c is None:
         r = torch.ones(n, dtype=dt, device=dev)
     if r is None:
@@ -161,6 +221,12 @@ def masses(row_mass, col_mass, n: int, m: int, like: Tensor) -> Tuple[Tensor, Te
 
 def potential(name: str, value, length: int, like: Tensor) -> Optional[Tensor]:
     """A potential (``f``, ``g``, ``init_g``): 1-D, no NaN or +inf (-inf = removed)."""
+    return potential_values(name, potential_meta(name, value, length, like),
+                            acc_dtype(like.dtype))
+
+
+def potential_meta(name: str, value, length: int, like: Tensor) -> Optional[Tensor]:
+    """The metadata half of :func:`potential` (returns the tensor as given)."""
     if value is None:
         return None
     t = _tensor(name, value)
@@ -170,7 +236,15 @@ def potential(name: str, value, length: int, like: Tensor) -> Optional[Tensor]:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor; got {t.dtype}")
     same_device(**{name: t, "scores": like})
-    t = t.detach().to(acc_dtype(like.dtype)).contiguous()
+    return t
+
+
+def potential_values(name: str, t: Optional[Tensor], acc=None) -> Optional[Tensor]:
+    """The data half of :func:`potential`: a detached contiguous copy in the
+    accumulation dtype ``acc`` (default: keep the dtype), no NaN, no +inf."""
+    if t is None:
+        return None
+    t = t.detach().to(acc or t.dtype).contiguous()
     if bool(torch.isnan(t).any()):
         raise ValueError(f"{name} contains NaN")
     if bool((t == INF).any()):
@@ -189,6 +263,10 @@ def default_targets(n: int, m: int, device) -> Tuple[Tensor, Tensor]:
 
 
 def _target(name: str, value, length: int, upper: int, other: str, like: Tensor) -> Tensor:
+    return _target_values(name, _target_meta(name, value, length, like), upper, other)
+
+
+def _target_meta(name: str, value, length: int, like: Tensor) -> Tensor:
     t = _tensor(name, value)
     if t.dtype != torch.int64:
         raise TypeError(f"{name} must be an int64 tensor; got {t.dtype}")
@@ -196,20 +274,36 @@ def _target(name: str, value, length: int, upper: int, other: str, like: Tensor)
         raise ValueError(f"{name} must be a 1-D tensor of length {length}; got shape "
                          f"{tuple(t.shape)}")
     same_device(**{name: t, "scores": like})
-    if length and bool(((t < -1) | (t >= upper)).any()):
+    return t
+
+
+def _target_values(name: str, t: Tensor, upper: int, other: str) -> Tensor:
+    if t.shape[0] and bool(((t < -1) | (t >= upper)).any()):
         bad = t[(t < -1) | (t >= upper)][0].item()
         raise ValueError(f"{name} must hold {other} indices in [0, {upper}) or -1 (no loss "
                          f"term); got {bad}")
     return t
 
 
-def targets(row_targets, col_targets, n: int, m: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-    y_def, z_def = default_targets(n, m, like.device)
-    y = y_def if row_targets is None else _target("row_targets", row_targets, n, m,
-                                                  "column", like)
-    z = z_def if col_targets is None else _target("col_targets", col_targets, m, n,
-                                                  "row", like)
+def targets_meta(row_targets, col_targets, n: int, m: int, like: Tensor):
+    """The metadata half of :func:`targets` (``None`` stays ``None``: the default)."""
+    y = None if row_targets is None else _target_meta("row_targets", row_targets, n, like)
+    z = None if col_targets is None else _target_meta("col_targets", col_targets, m, like)
     return y, z
+
+
+def targets_values(y: Optional[Tensor], z: Optional[Tensor], n: int, m: int,
+                   device) -> Tuple[Tensor, Tensor]:
+    """The data half of :func:`targets`: range checks, and the defaults for ``None``."""
+    y_def, z_def = default_targets(n, m, device)
+    y = y_def if y is None else _target_values("row_targets", y, m, "column")
+    z = z_def if z is None else _target_values("col_targets", z, n, "row")
+    return y, z
+
+
+def targets(row_targets, col_targets, n: int, m: int, like: Tensor) -> Tuple[Tensor, Tensor]:
+    return targets_values(*targets_meta(row_targets, col_targets, n, m, like), n, m,
+                          like.device)
 
 
 def weights(value: Sequence[float]) -> Tuple[float, float]:

@@ -1,55 +1,198 @@
-"""``NCLLoss``: an ``nn.Module`` drop-in for a CLIP loss."""
+"""``NCLLoss``: an ``nn.Module`` drop-in for a CLIP loss, with an optional queue."""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import _validate as V
 from .loss import ncl_loss, ncl_loss_embeddings
+from .sinkhorn import sinkhorn, sinkhorn_embeddings
 
+Tensor = torch.Tensor
 MODES = ("auto", "dense", "streaming")
+_QUEUE = ("queue_text", "queue_video", "queue_video_mass")
+
+
+def _pad_targets(t: Optional[Tensor], n: int) -> Optional[Tensor]:
+    """Targets of the batch, then ``-1`` (no loss term) for the queued rows/columns."""
+    if t is None or t.shape[0] == n:
+        return t
+    return torch.cat([t, t.new_full((n - t.shape[0],), -1)])
 
 
 class NCLLoss(nn.Module):
-    """Normalized contrastive loss between paired text and video (or image) features.
+    """Normalized contrastive loss between text and video (or image) features.
 
-    ``forward(text_features, video_features, scale)`` takes a batch of N pairs (row i of
-    each is a positive pair) and the multiplier ``scale`` (already exponentiated, as
-    open_clip passes ``logit_scale.exp()``), and returns the NCL loss of SPEC.md section 3
-    with the biases from ``n_iters`` Sinkhorn iterations.
+    ``forward(text_features, video_features, scale, caption_to_video=None)`` takes a
+    batch of N captions and V videos and the multiplier ``scale`` (already exponentiated,
+    as open_clip passes ``logit_scale.exp()``; a number or a 0-dim tensor that may require
+    grad), and returns the NCL loss of SPEC.md section 3 with the biases from ``n_iters``
+    Sinkhorn iterations.
+
+    Targets. Without ``caption_to_video`` the batch is N = V pairs (row i with column i).
+    With it (int64 (N,), values in ``[0, V)``), caption i's positive is video
+    ``caption_to_video[i]``; video j's positive caption (its video-to-text term) is its
+    first caption in the batch, and a video without captions has no loss term. The column
+    masses are proportional to each video's caption count (row masses are 1), so a video
+    with k captions receives k times the mass; a video without captions has mass 0.
+
+    Queue (``queue_size`` K > 0). The module keeps, detached, the K most recent *earlier*
+    caption embeddings and the K most recent earlier video embeddings (with their column
+    masses), as buffers (``queue_text``, ``queue_video``, ``queue_video_mass``: they move
+    with ``.to()`` and round-trip exactly through ``state_dict()``). A step solves the
+    problem on ``[batch; queue]`` (batch rows/columns first, queue rows oldest first), then
+    enqueues the current batch (after its loss is computed; the oldest rows fall out).
+    Queued rows and columns have no loss term. With ``queue_as_negatives=True`` they join
+    the softmax denominators and the normalization: the loss is
+    ``ncl_loss_embeddings([x; Qx], [y; Qy], ...)``. With ``False`` they only shape the
+    biases: ``f, g`` come from Sinkhorn on the whole problem and the loss runs over the
+    batch block with ``f[:N], g[:V]``. No gradient flows into the queue.
 
     Args:
         n_iters: Sinkhorn iterations for the biases (0: CLIP's symmetric InfoNCE).
         weights: ``(w_text_to_video, w_video_to_text)``.
-        mode: ``"dense"`` forms ``text @ video.T`` with autograd and runs the dense loss
-            with ``inplace_backward=True`` (the matrix is internal, so its storage is
-            reused for its gradient); ``"streaming"`` never forms it; ``"auto"`` streams
-            once the matrix would exceed ``stream_above`` elements.
+        queue_size: K (0: no queue).
+        queue_as_negatives: see above.
+        mode: ``"dense"`` forms the score matrix with autograd and runs the dense loss with
+            ``inplace_backward=True`` (the matrix is internal, so its storage is reused for
+            its gradient); ``"streaming"`` never forms it; ``"auto"`` streams once the
+            matrix (queue included) would exceed ``stream_above`` elements.
         backend: see :func:`ncl_kernels.backends`.
     """
 
-    def __init__(self, n_iters: int = 4, weights=(0.5, 0.5), *, mode: str = "auto",
+    def __init__(self, n_iters: int = 4, weights=(0.5, 0.5), *, queue_size: int = 0,
+                 queue_as_negatives: bool = True, mode: str = "auto",
                  stream_above: int = 1 << 26, backend: str = "auto"):
         super().__init__()
         V.iterations(n_iters, None, 1)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 0:
+            raise ValueError(f"queue_size must be an integer >= 0; got {queue_size!r}")
         self.n_iters, self.weights = n_iters, V.weights(weights)
+        self.queue_size = queue_size
+        self.queue_as_negatives = V.flag("queue_as_negatives", queue_as_negatives)
         self.mode, self.stream_above, self.backend = mode, int(stream_above), backend
+        # empty until the first step fixes D, dtype and device
+        self.register_buffer("queue_text", torch.empty(0, 0))
+        self.register_buffer("queue_video", torch.empty(0, 0))
+        self.register_buffer("queue_video_mass", torch.empty(0))
 
-    def forward(self, text_features: torch.Tensor, video_features: torch.Tensor,
-                scale) -> torch.Tensor:
-        x, y = V.embeddings(text_features, video_features)
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"text_features and video_features must hold the same number of "
-                             f"pairs; got {x.shape[0]} and {y.shape[0]}")
-        options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend)
-        streaming = self.mode == "streaming" or (
-            self.mode == "auto" and x.shape[0] * y.shape[0] > self.stream_above)
-        if streaming:
-            return ncl_loss_embeddings(x, y, scale, **options)
-        return ncl_loss(x @ y.T, scale, inplace_backward=True, **options)
+    # -- the queue ------------------------------------------------------------------------
+    def reset_queue(self) -> None:
+        """Empty the queue (e.g. between epochs of a different dataset)."""
+        for name in _QUEUE:
+            old = getattr(self, name)
+            setattr(self, name, old.new_empty((0, 0) if old.dim() == 2 else (0,)))
+
+    def _queued(self, like: Tensor):
+        """The queue in ``like``'s dtype and device (``None`` when empty or disabled)."""
+        if self.queue_size == 0 or self.queue_text.shape[0] == 0:
+            return None
+        qx, qy = self.queue_text, self.queue_video
+        if qx.shape[1] != like.shape[1]:
+            raise ValueError(f"the queue holds embeddings of size {qx.shape[1]} but this batch "
+                             f"has D = {like.shape[1]}; call reset_queue() first")
+        return (qx.to(like), qy.to(like), self.queue_video_mass.to(like.device))
+
+    @torch.no_grad()
+    def _enqueue(self, x: Tensor, y: Tensor, mass: Tensor) -> None:
+        K = self.queue_size
+        queued = self._queued(x)
+        if queued is not None:
+            x = torch.cat([queued[0], x])
+            y = torch.cat([queued[1], y])
+            mass = torch.cat([queued[2], mass.to(queued[2].dtype)])
+        self.queue_text = x[-K:].detach().clone()
+        self.queue_video = y[-K:].detach().clone()
+        self.queue_video_mass = mass[-K:].detach().clone()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the queue buffers change shape as they fill: take the saved shapes before loading
+        for name in _QUEUE:
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor):
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # -- the loss -------------------------------------------------------------------------
+    def _batch_targets(self, n: int, v: int, caption_to_video: Optional[Tensor], like: Tensor):
+        """``(row_targets, col_targets, col_mass)`` of the batch block (``None``: defaults)."""
+        if caption_to_video is None:
+            if n != v:
+                raise ValueError(f"text_features and video_features must hold the same number "
+                                 f"of pairs; got {n} and {v} (pass caption_to_video for "
+                                 f"several captions per video)")
+            return None, None, None
+        c2v = V._target_meta("caption_to_video", caption_to_video, n, like)
+        if not torch.compiler.is_compiling():  # under compile the loss op checks the range
+            V._target_values("caption_to_video", c2v, v, "video")
+        rows = torch.arange(n, device=like.device)
+        first = torch.full((v,), n, dtype=torch.int64, device=like.device)
+        first = first.scatter_reduce(0, c2v.clamp(0, v - 1), rows, "amin")
+        z = torch.where(first == n, torch.full_like(first, -1), first)
+        counts = torch.zeros(v, dtype=torch.float64, device=like.device)
+        counts = counts.index_add(0, c2v.clamp(0, v - 1), torch.ones(n, dtype=counts.dtype,
+                                                                     device=like.device))
+        return c2v, z, counts
+
+    def forward(self, text_features: Tensor, video_features: Tensor, scale,
+                caption_to_video: Optional[Tensor] = None) -> Tensor:
+        x, y = V.embeddings_meta(text_features, video_features)
+        N, Vb = x.shape[0], y.shape[0]
+        y_t, z_t, counts = self._batch_targets(N, Vb, caption_to_video, x)
+        queued = self._queued(x)
+        X, Y, mass = x, y, counts
+        if queued is not None:
+            X, Y = torch.cat([x, queued[0]]), torch.cat([y, queued[1]])
+            mass = torch.cat([torch.ones(Vb, dtype=torch.float64, device=x.device)
+                              if counts is None else counts, queued[2].double()])
+        NT, MT = X.shape[0], Y.shape[0]
+        if y_t is None and queued is not None:
+            y_t, z_t = V.default_targets(N, Vb, x.device)
+        y_t, z_t = _pad_targets(y_t, NT), _pad_targets(z_t, MT)
+        col_mass = None
+        if mass is not None:
+            # proportional to caption counts, with the rows' total (SPEC.md section 1); with
+            # one caption per video this is the uniform default (decided without reading
+            # data, so that a compiled step has no data-dependent branch)
+            col_mass = mass * (NT / mass.sum())
+        dense = self.mode == "dense" or (self.mode == "auto" and NT * MT <= self.stream_above)
+        options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend,
+                       row_targets=y_t, col_targets=z_t, col_mass=col_mass)
+        if self.queue_as_negatives or queued is None:
+            if dense:
+                loss = ncl_loss(X @ Y.T, scale, inplace_backward=True, **options)
+            else:
+                loss = ncl_loss_embeddings(X, Y, scale, **options)
+        else:
+            loss = self._batch_block_loss(x, y, X, Y, scale, dense, options)
+        if self.queue_size:
+            self._enqueue(x, y, torch.ones(Vb, dtype=torch.float64, device=x.device)
+                          if counts is None else counts)
+        return loss
+
+    def _batch_block_loss(self, x, y, X, Y, scale, dense, options) -> Tensor:
+        """Biases from the whole problem, the loss softmax over the batch block only."""
+        N, Vb = x.shape[0], y.shape[0]
+        solve = dict(col_mass=options["col_mass"], n_iters=self.n_iters, tol=None,
+                     backend=self.backend)
+        detached = scale.detach() if isinstance(scale, Tensor) else scale
+        with torch.no_grad():
+            if dense:
+                sol = sinkhorn(X.detach() @ Y.detach().T, detached, **solve)
+            else:
+                sol = sinkhorn_embeddings(X.detach(), Y.detach(), detached, **solve)
+        options = dict(n_iters=0, weights=self.weights, backend=self.backend,
+                       row_targets=options["row_targets"][:N],
+                       col_targets=options["col_targets"][:Vb], f=sol.f[:N], g=sol.g[:Vb])
+        if dense:
+            return ncl_loss(x @ y.T, scale, inplace_backward=True, **options)
+        return ncl_loss_embeddings(x, y, scale, **options)
 
     def extra_repr(self) -> str:
-        return f"n_iters={self.n_iters}, weights={self.weights}, mode={self.mode!r}"
+        return (f"n_iters={self.n_iters}, weights={self.weights}, mode={self.mode!r}, "
+                f"queue_size={self.queue_size}, queue_as_negatives={self.queue_as_negatives}")

@@ -36,6 +36,17 @@ class SinkhornConvergenceWarning(RuntimeWarning):
     """Sinkhorn stopped at ``n_iters`` with its marginal error still above ``tol``."""
 
 
+class SinkhornConvergenceError(RuntimeError):
+    """``strict=True``: Sinkhorn stopped at ``n_iters`` with its error still above ``tol``.
+
+    ``error`` (a float) and ``n_iters`` say how far it got.
+    """
+
+    def __init__(self, message: str, *, error: float, n_iters: int):
+        super().__init__(message)
+        self.error, self.n_iters = error, n_iters
+
+
 class _Solution(NamedTuple):
     f: Tensor
     g: Tensor
@@ -65,14 +76,15 @@ def _check_feasible(lse: Tensor, mass: Tensor, what: str, against: str) -> None:
 def solve(row_lse: Callable[[Optional[Tensor]], Tensor],
           col_lse: Callable[[Optional[Tensor]], Tensor],
           r: Tensor, c: Tensor, *, n_iters: int, tol: Optional[float], check_every: int,
-          init_g: Optional[Tensor] = None) -> _Solution:
+          init_g: Optional[Tensor] = None, strict: bool = False) -> _Solution:
     """Run Sinkhorn from ``g = init_g`` (default 0) and return potentials and the LSEs.
 
     Pass count: one row pass to start, then a column and a row pass per iteration; the row
     pass that closes iteration k gives both the error of iteration k and the ``f`` of
     iteration k + 1, so nothing is read twice. Host synchronizations: the two feasibility
     checks of the first iteration, plus one every ``check_every`` iterations when ``tol``
-    is set.
+    is set. Ending at ``n_iters`` with the error above ``tol`` warns, or raises
+    :class:`SinkhornConvergenceError` when ``strict``.
     """
     log_r, log_c = torch.log(r), torch.log(c)
     g = torch.zeros_like(c) if init_g is None else init_g.clone()
@@ -96,15 +108,18 @@ def solve(row_lse: Callable[[Optional[Tensor]], Tensor],
     if error is None:
         error = _marginal_error(f, lse_row, r)
     if tol is not None and done > 0 and done == n_iters and float(error) > tol:
-        warnings.warn(f"Sinkhorn did not reach tol={tol:g} in {done} iterations (marginal "
-                      f"error {float(error):.3g}); raise n_iters or tol",
-                      SinkhornConvergenceWarning, stacklevel=3)
+        message = (f"Sinkhorn did not reach tol={tol:g} in {done} iterations (marginal "
+                   f"error {float(error):.3g}); raise n_iters or tol")
+        if strict:
+            raise SinkhornConvergenceError(message, error=float(error), n_iters=done)
+        warnings.warn(message, SinkhornConvergenceWarning, stacklevel=3)
     return _Solution(f, g, lse_row, lse_col, done, error)
 
 
 def _problem(like: Tensor, n: int, m: int, scale, row_mass, col_mass, n_iters, tol,
-             check_every, init_g):
+             check_every, init_g, strict):
     """Validate the options shared by both forms; returns ``(s, r, c, init_g)``."""
+    V.flag("strict", strict)
     s = V.scale(scale)
     V.iterations(n_iters, tol, check_every)
     r, c = V.masses(row_mass, col_mass, n, m, like)
@@ -113,7 +128,7 @@ def _problem(like: Tensor, n: int, m: int, scale, row_mass, col_mass, n_iters, t
 
 def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters: int = 100,
              tol: Optional[float] = 1e-4, check_every: int = 10, init_g=None,
-             backend: str = "auto") -> SinkhornResult:
+             backend: str = "auto", strict: bool = False) -> SinkhornResult:
     """Log-domain Sinkhorn on the logits ``scale * scores`` (SPEC.md section 2).
 
     Args:
@@ -129,6 +144,9 @@ def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters
             Ending at ``n_iters`` above ``tol`` warns (:class:`SinkhornConvergenceWarning`).
         init_g: warm start for ``g``.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"`` (see :func:`backends`).
+        strict: ending at ``n_iters`` above ``tol`` raises
+            :class:`SinkhornConvergenceError` instead of warning (no effect with
+            ``tol=None``).
 
     Returns:
         :class:`SinkhornResult` ``(f, g, n_iters, error)``; potentials are float32 (float64
@@ -137,22 +155,24 @@ def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters
     Raises:
         ValueError: bad arguments, or an infeasible problem (a row/column of positive mass
             whose logits are all ``-inf``), naming the row or column.
+        SinkhornConvergenceError: ``strict=True`` and ``tol`` was not reached.
     """
     S = V.scores(scores)
     N, M = S.shape
     s, r, c, init_g = _problem(S, N, M, scale, row_mass, col_mass, n_iters, tol,
-                               check_every, init_g)
+                               check_every, init_g, strict)
     be = get_backend(backend, S.device)
     with torch.no_grad():
         sol = solve(lambda g: be.row_lse(S, s, g), lambda f: be.col_lse(S, s, f), r, c,
-                    n_iters=n_iters, tol=tol, check_every=check_every, init_g=init_g)
+                    n_iters=n_iters, tol=tol, check_every=check_every, init_g=init_g,
+                    strict=strict)
     return SinkhornResult(sol.f, sol.g, sol.n_iters, sol.error)
 
 
 def sinkhorn_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_mass=None, col_mass=None,
                         n_iters: int = 100, tol: Optional[float] = 1e-4,
                         check_every: int = 10, init_g=None,
-                        backend: str = "auto") -> SinkhornResult:
+                        backend: str = "auto", strict: bool = False) -> SinkhornResult:
     """:func:`sinkhorn` on ``scores = x @ y.T`` without materializing it.
 
     ``x`` (N, D) and ``y`` (M, D) share dtype and device. The product is formed in float32
@@ -162,9 +182,10 @@ def sinkhorn_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_mass=None, col_m
     x, y = V.embeddings(x, y)
     N, M = x.shape[0], y.shape[0]
     s, r, c, init_g = _problem(x, N, M, scale, row_mass, col_mass, n_iters, tol,
-                               check_every, init_g)
+                               check_every, init_g, strict)
     be = get_backend(backend, x.device)
     with torch.no_grad():
         sol = solve(lambda g: be.row_lse_xy(x, y, s, g), lambda f: be.col_lse_xy(x, y, s, f),
-                    r, c, n_iters=n_iters, tol=tol, check_every=check_every, init_g=init_g)
+                    r, c, n_iters=n_iters, tol=tol, check_every=check_every, init_g=init_g,
+                    strict=strict)
     return SinkhornResult(sol.f, sol.g, sol.n_iters, sol.error)

@@ -151,3 +151,23 @@ def test_cosine_scores_extreme_scales_stay_finite(backend):
             out = nk.sinkhorn(S.to(dtype), scale, n_iters=20, tol=None, backend=backend)
             assert torch.isfinite(out.f).all() and torch.isfinite(out.g).all()
             assert torch.isfinite(out.error)
+
+
+def test_strict_raises_instead_of_warning(backend):
+    S = random_scores(30, 20, torch.float32, seed=8, scale=3.0)
+    x, y = random_embeddings(30, 20, 8, torch.float32, seed=8)
+    for call in (lambda **kw: nk.sinkhorn(S, 10.0, backend=backend, **kw),
+                 lambda **kw: nk.sinkhorn_embeddings(x, y, 20.0, backend=backend, **kw)):
+        with pytest.raises(nk.SinkhornConvergenceError, match="did not reach") as info:
+            call(n_iters=3, tol=1e-12, strict=True)
+        assert isinstance(info.value, RuntimeError)
+        assert info.value.n_iters == 3 and info.value.error > 1e-12
+        # converging, or tol=None, never raises
+        out = call(n_iters=500, tol=1e-3, check_every=1, strict=True)
+        assert float(out.error) <= 1e-3
+        call(n_iters=3, tol=None, strict=True)
+
+
+def test_strict_must_be_a_bool():
+    with pytest.raises(TypeError, match="strict"):
+        nk.sinkhorn(random_scores(3, 3, torch.float32), strict=1)

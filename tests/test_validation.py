@@ -111,3 +111,23 @@ def test_refusals_leave_the_callers_tensor_untouched():
         with pytest.raises(ValueError):
             nk.ncl_loss(work, inplace_backward=True, **bad)
         assert torch.equal(work.detach(), S0)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(scale=torch.tensor(-1.0)), ValueError, "scale must be finite and > 0"),
+    (dict(scale=torch.tensor(math.nan)), ValueError, "scale must be finite"),
+    (dict(scale=torch.ones(1)), TypeError, "scale"),
+    (dict(row_mass=-torch.ones(6)), ValueError, "row_mass must be >= 0"),
+    (dict(col_mass=torch.ones(4)), ValueError, "col_mass.*length 5"),
+    (dict(row_mass=torch.ones(6), col_mass=torch.ones(5)), ValueError, "same total"),
+    (dict(g=torch.zeros(5), f=torch.full((6,), math.nan)), ValueError, "f contains NaN"),
+])
+def test_bad_loss_values_are_refused_inside_the_ops(kwargs, exc, match):
+    # these checks read data, so they run inside the custom ops; the messages are the same
+    for call in (lambda: nk.ncl_loss(S, **kwargs), lambda: nk.ncl_loss_embeddings(X, Y, **kwargs)):
+        with pytest.raises(exc, match=match):
+            call()
+    work = S.clone().requires_grad_()
+    with pytest.raises(exc, match=match):
+        nk.ncl_loss(work, inplace_backward=True, **kwargs)
+    assert torch.equal(work.detach(), S)
