@@ -130,13 +130,14 @@ def loss_dense(S: Tensor, scale_t: Optional[Tensor], scale_f: float, backend: st
     p = _resolve(S, N, M, scale_t, scale_f, row_targets, col_targets, row_mass, col_mass,
                  f, g)
     acc = acc_dtype(S.dtype)
-    fw = _biases_and_lses(lambda g_: be.row_lse(S, p.s, g_),
-                          lambda f_: be.col_lse(S, p.s, f_), p.r, p.c, n_iters, p.f, p.g)
-    coef_row, coef_col = _coefficients(p.y, p.z, w_row, w_col, acc)
     rows = torch.arange(N, device=S.device)
     cols = torch.arange(M, device=S.device)
     t_row = S[rows, p.y.clamp(min=0)].to(acc) * p.s
     t_col = S[p.z.clamp(min=0), cols].to(acc) * p.s
+    V.targets_unmasked(t_row, t_col, p.y, p.z)
+    fw = _biases_and_lses(lambda g_: be.row_lse(S, p.s, g_),
+                          lambda f_: be.col_lse(S, p.s, f_), p.r, p.c, n_iters, p.f, p.g)
+    coef_row, coef_col = _coefficients(p.y, p.z, w_row, w_col, acc)
     loss = _assemble(fw, t_row, t_col, p.y, p.z, coef_row, coef_col)
     return (loss,) + tuple(fw)
 

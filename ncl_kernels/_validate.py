@@ -301,6 +301,21 @@ def targets_values(y: Optional[Tensor], z: Optional[Tensor], n: int, m: int,
     return y, z
 
 
+def targets_unmasked(t_row: Tensor, t_col: Tensor, y: Tensor, z: Tensor) -> None:
+    """A target on a masked (``-inf``) score would make the loss infinite: refuse it.
+
+    ``t_row``/``t_col`` are the targets' logits, ``y``/``z`` the targets (-1: none).
+    """
+    for name, t, idx, what, other in (("row_targets", t_row, y, "row", "column"),
+                                      ("col_targets", t_col, z, "column", "row")):
+        bad = (idx >= 0) & (t == -math.inf)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}: {what} {i}'s target {other} {int(idx[i])} has a "
+                             f"masked (-inf) score, so its loss term would be infinite; "
+                             f"unmask it or set the target to -1")
+
+
 def targets(row_targets, col_targets, n: int, m: int, like: Tensor) -> Tuple[Tensor, Tensor]:
     return targets_values(*targets_meta(row_targets, col_targets, n, m, like), n, m,
                           like.device)

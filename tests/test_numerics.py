@@ -56,7 +56,8 @@ def test_a_fully_masked_row_with_mass_raises_naming_it(backend):
     with pytest.raises(ValueError, match=r"row 3 has positive mass"):
         nk.sinkhorn(S, 2.0, backend=backend)
     with pytest.raises(ValueError, match=r"row 3 has positive mass"):
-        nk.ncl_loss(S, 2.0, row_targets=torch.tensor([0, 1, 2, -1, 4, 0]), backend=backend)
+        nk.ncl_loss(S, 2.0, row_targets=torch.tensor([0, 1, 2, -1, 4, 0]),
+                    col_targets=torch.tensor([0, 1, 2, -1, 4]), backend=backend)
 
 
 def test_a_fully_masked_column_with_mass_raises_naming_it(backend):
@@ -128,3 +129,18 @@ def test_results_are_bitwise_repeatable(backend, dtype):
         nk.ncl_loss(Sg, 7.0, backend=backend).backward()
         grads.append(Sg.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+def test_a_target_on_a_masked_score_is_refused(backend):
+    S = torch.randn(4, 4, generator=torch.Generator().manual_seed(1)) * 0.3
+    S[2, 2] = -math.inf
+    work = S.clone().requires_grad_()
+    with pytest.raises(ValueError, match=r"row_targets: row 2's target column 2 has a masked"):
+        nk.ncl_loss(work, 2.0, inplace_backward=True, backend=backend)
+    assert torch.equal(work.detach(), S)
+    z = torch.tensor([0, 1, 3, -1])  # column 2's target row 3 is fine; row 2 has no target
+    y = torch.tensor([0, 1, -1, 3])
+    loss = nk.ncl_loss(S, 2.0, row_targets=y, col_targets=z, backend=backend)
+    assert math.isfinite(float(loss))
+    with pytest.raises(ValueError, match=r"col_targets: column 2's target row 2"):
+        nk.ncl_loss(S, 2.0, row_targets=y, backend=backend)
