@@ -1,0 +1,156 @@
+"""One pass over the gallery, a chunk of columns at a time: ranks, top-k and argmax.
+
+Memory is O(queries * chunk): one score block and one boolean mask of that size are
+allocated once and reused for every chunk.
+
+How ``ranks`` stays exact in one pass
+-------------------------------------
+The rank of positive ``t`` is ``1 + #{j != t : score_j >= score_t}``, which equals
+``#{j : score_j >= score_t}`` (the positive counts itself). Comparing against
+``score_t`` before the chunk holding ``t`` has been computed needs ``score_t`` up front,
+and a tie must be a *bitwise* tie with the value the block holds: a separate dot product
+(a different summation order) can round differently and break or invent ties.
+
+So (1) a cheap pre-pass computes every positive's score through the *same scorer* (a
+matrix product over the distinct positive items, a few rows of queries at a time: BLAS
+computes an element from its row, its column and the shared k-loop, whatever the other
+rows and columns are); (2) the single pass counts ``block >= that value`` and also
+gathers each positive's score from the block it lies in; (3) a query counts as done only
+if the gathered value equals the pre-pass value bitwise, in which case its count is
+exactly the rank. Any query where the two differ (a BLAS whose kernel depends on the
+shape, a GPU library choosing another algorithm) is recounted by the two-pass method on
+those rows alone: pass 1 reads each positive's score out of the very blocks that pass 2
+counts. The answer is exact either way; only the time differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+#: elements of one (queries x gallery chunk) score block when ``chunk`` is not given:
+#: 2**22 float32 = 16 MiB, small enough to stay in the last-level cache for the compare
+#: that follows the product (measured in bench/profile_retrieval.py).
+BLOCK_ELEMS = 1 << 22
+#: query rows per step of the positives' pre-pass (its cost is n_queries * this * P * D)
+PRE_ROWS = 256
+
+
+def default_chunk(n_queries: int, n_items: int, chunk) -> int:
+    if chunk is None:
+        chunk = max(1, BLOCK_ELEMS // max(1, n_queries))
+    return min(chunk, n_items)
+
+
+def _spans(n: int, step: int):
+    for start in range(0, n, step):
+        yield start, min(n, start + step)
+
+
+class _Buffers:
+    """One score block and one mask, reused for every chunk (contiguous views)."""
+
+    def __init__(self, rows: int, chunk: int, dtype, device):
+        self.rows = rows
+        self.scores = torch.empty(rows * chunk, dtype=dtype, device=device)
+        self.mask = torch.empty(rows * chunk, dtype=torch.bool, device=device)
+
+    def block(self, width: int) -> Tensor:
+        return self.scores[: self.rows * width].view(self.rows, width)
+
+    def flags(self, width: int) -> Tensor:
+        return self.mask[: self.rows * width].view(self.rows, width)
+
+
+def _positive_scores(scorer, T: Tensor) -> Tensor:
+    """Scores of ``T`` (Q, P; no -1) through ``scorer``, a few query rows at a time."""
+    out = torch.empty(T.shape, dtype=scorer.acc, device=T.device)
+    for start, stop in _spans(T.shape[0], PRE_ROWS):
+        items, where = torch.unique(T[start:stop], return_inverse=True)
+        out[start:stop] = scorer.rows(slice(start, stop))(items).gather(1, where)
+    return out
+
+
+def _count(scorer, T: Tensor, valid: Tensor, threshold: Tensor, chunk: int):
+    """``count[i, p] = #{j : score_ij >= threshold[i, p]}`` and each positive's own score
+    as the blocks hold it, in one pass over the gallery."""
+    n_q, P = T.shape
+    M = scorer.n_items
+    buf = _Buffers(n_q, chunk, scorer.acc, T.device)
+    count = torch.zeros(T.shape, dtype=torch.int64, device=T.device)
+    seen = torch.full(T.shape, float("nan"), dtype=scorer.acc, device=T.device)
+    for start, stop in _spans(M, chunk):
+        width = stop - start
+        block = scorer(slice(start, stop), out=buf.block(width))
+        flags = buf.flags(width)
+        for p in range(P):
+            # int32 partial sums are exact (width < 2**31) and much faster than int64
+            count[:, p] += torch.ge(block, threshold[:, p:p + 1], out=flags).sum(
+                1, dtype=torch.int32)
+        inside = valid & (T >= start) & (T < stop)
+        at = block.gather(1, (T - start).clamp(0, width - 1))
+        seen = torch.where(inside, at, seen)
+    return count, seen
+
+
+def _best(count: Tensor, valid: Tensor) -> Tensor:
+    big = torch.iinfo(torch.int64).max
+    return count.masked_fill(~valid, big).min(1).values
+
+
+def rank_two_pass(scorer, T: Tensor, chunk: int) -> Tensor:
+    """The reference method: pass 1 reads the positives' scores from the blocks, pass 2
+    recomputes the same blocks (same shapes, so the same bits) and counts."""
+    valid = T >= 0
+    Tc = T.clamp(min=0)
+    inf = torch.full(T.shape, float("inf"), dtype=scorer.acc, device=T.device)
+    _, pos = _count(scorer, Tc, valid, inf, chunk)       # counts against +inf: ignored
+    count, _ = _count(scorer, Tc, valid, pos.masked_fill(~valid, float("inf")), chunk)
+    return _best(count, valid)
+
+
+def rank_one_pass(scorer, T: Tensor, chunk: int):
+    """Ranks (Q,) int64 and how many query rows needed the two-pass recount."""
+    valid = T >= 0
+    Tc = T.clamp(min=0)
+    # padding (-1) compares against +inf: it counts nothing (every score is finite or -inf)
+    threshold = _positive_scores(scorer, Tc).masked_fill(~valid, float("inf"))
+    count, seen = _count(scorer, Tc, valid, threshold, chunk)
+    ranks = _best(count, valid)
+    # NaN never equals anything, so a NaN score is recounted too (and stays consistent)
+    same = (seen == threshold) | ~valid
+    redo = (~same.all(1)).nonzero()[:, 0]
+    if redo.numel():
+        ranks[redo] = rank_two_pass(scorer.rows(redo), T[redo], chunk)
+    return ranks, int(redo.numel())
+
+
+def topk(scorer, k: int, chunk: int):
+    """``(values, indices)`` of the ``k`` best columns per query, sorted descending."""
+    n_q, M = scorer.n_queries, scorer.n_items
+    buf = _Buffers(n_q, chunk, scorer.acc, scorer.Q.device)
+    best_v = torch.empty(n_q, 0, dtype=scorer.acc, device=scorer.Q.device)
+    best_i = torch.empty(n_q, 0, dtype=torch.int64, device=scorer.Q.device)
+    for start, stop in _spans(M, chunk):
+        block = scorer(slice(start, stop), out=buf.block(stop - start))
+        v, i = block.topk(min(k, stop - start), dim=1)
+        v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i + start], 1)
+        best_v, order = v.topk(min(k, v.shape[1]), dim=1)
+        best_i = i.gather(1, order)
+    return best_v, best_i
+
+
+def argmax(scorer, chunk: int) -> Tensor:
+    """Index of each query's best column; ties go to the lowest index (``torch.argmax``)."""
+    n_q, M = scorer.n_queries, scorer.n_items
+    buf = _Buffers(n_q, chunk, scorer.acc, scorer.Q.device)
+    best_v = torch.full((n_q,), float("-inf"), dtype=scorer.acc, device=scorer.Q.device)
+    best_i = torch.zeros(n_q, dtype=torch.int64, device=scorer.Q.device)
+    for start, stop in _spans(M, chunk):
+        # torch.max(dim) returns the first maximal index; a later chunk must be strictly
+        # better to win, so ties keep the lowest index overall
+        v, i = scorer(slice(start, stop), out=buf.block(stop - start)).max(1)
+        better = v > best_v
+        best_v = torch.where(better, v, best_v)
+        best_i = torch.where(better, i + start, best_i)
+    return best_i
