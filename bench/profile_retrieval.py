@@ -8,6 +8,7 @@ reported, because this machine is shared and timings are noisy.
 
     python bench/profile_retrieval.py                       # the issue's sizes
     python bench/profile_retrieval.py --gallery 100000 --chunks 1024 4096 --two-pass
+    python bench/profile_retrieval.py --threads 1 --bias
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--bias", action="store_true", help="add a per-item bias (addmm)")
     p.add_argument("--two-pass", action="store_true", help="also time the two-pass method")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 is far less sensitive to a loaded machine)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     gen = torch.Generator().manual_seed(0)
     gallery = torch.empty(a.gallery, a.dim)

@@ -16,27 +16,37 @@ from ..backends.base import acc_dtype
 Tensor = torch.Tensor
 
 
-def _mm(a: Tensor, b: Tensor, bias, out) -> Tensor:
-    if bias is None:
-        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
-    return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
+#: below this many queries the bias is added by ``addmm``; from it on, by an extra
+#: embedding dimension (see LinearScorer)
+AUGMENT_FROM = 16
 
 
 class LinearScorer:
-    """``scale * <q, y_j> + bias_j``: one ``addmm`` per block.
+    """``scale * <q, y_j> + bias_j``: one BLAS call per block and nothing else.
 
     ``scale`` is folded into the queries once (one multiply per query element instead of
-    one per score), and the bias rides along in the ``addmm``, so a block costs one BLAS
-    call and nothing else.
+    one per score). The bias is folded into the product as one extra dimension,
+    ``<[s q, 1], [y_j, b_j]>``, so no pass over the block is spent on it (``addmm`` would
+    first copy the broadcast bias into the whole block); for a handful of queries the
+    per-chunk copy that builds ``[y_j, b_j]`` would outweigh the block, so ``addmm`` is
+    used there. The choice is made once, from all the queries, so every block and every
+    pre-pass of one call rounds the same way.
     """
 
     def __init__(self, queries: Tensor, gallery: Tensor, scale: float, bias=None, *,
-                 _prescaled: bool = False):
-        self.acc = acc_dtype(queries.dtype)
-        self.Q = queries if _prescaled else queries.to(self.acc) * scale
+                 _state=None):
         self.Y = gallery
         self.scale = scale
         self.bias = bias
+        if _state is not None:
+            self.acc, self.Q, self.augment = _state
+            return
+        self.acc = acc_dtype(queries.dtype)
+        Q = queries.to(self.acc) * scale
+        self.augment = bias is not None and Q.shape[0] >= AUGMENT_FROM
+        if self.augment:
+            Q = torch.cat([Q, torch.ones(Q.shape[0], 1, dtype=self.acc, device=Q.device)], 1)
+        self.Q = Q
 
     @property
     def n_queries(self) -> int:
@@ -48,12 +58,20 @@ class LinearScorer:
 
     def rows(self, index) -> LinearScorer:
         """The same scores for a subset of the queries (a slice: a view, no copy)."""
-        return LinearScorer(self.Q[index], self.Y, self.scale, self.bias, _prescaled=True)
+        return LinearScorer(None, self.Y, self.scale, self.bias,
+                            _state=(self.acc, self.Q[index], self.augment))
 
     def __call__(self, cols, out=None) -> Tensor:
         Y = self.Y[cols].to(self.acc)   # a view for a float32 slice; a copy otherwise
-        bias = None if self.bias is None else self.bias[cols]
-        return _mm(self.Q, Y.T, bias, out)
+        if self.bias is None:
+            return torch.mm(self.Q, Y.T, out=out)
+        if self.augment:
+            # two plain copies into a fresh buffer (torch.cat with a 1-wide piece is slow)
+            Ya = torch.empty(Y.shape[0], Y.shape[1] + 1, dtype=self.acc, device=Y.device)
+            Ya[:, :-1] = Y
+            Ya[:, -1] = self.bias[cols]
+            return torch.mm(self.Q, Ya.T, out=out)
+        return torch.addmm(self.bias[cols], self.Q, Y.T, out=out)
 
 
 class DualSoftmaxScorer:
@@ -80,5 +98,4 @@ class DualSoftmaxScorer:
 
     def __call__(self, cols, out=None) -> Tensor:
         S = torch.mm(self.Q, self.Y[cols].to(self.acc).T)
-        block = torch.mul(S, self.beta) if out is None else torch.mul(S, self.beta, out=out)
-        return block.sub_(self.lse[cols]).exp_().mul_(S)
+        return torch.mul(S, self.beta, out=out).sub_(self.lse[cols]).exp_().mul_(S)

@@ -1,7 +1,7 @@
 """One pass over the gallery, a chunk of columns at a time: ranks, top-k and argmax.
 
-Memory is O(queries * chunk): one score block and one boolean mask of that size are
-allocated once and reused for every chunk.
+Memory is O(queries * chunk): one score block of that size is allocated once and reused
+for every chunk.
 
 How ``ranks`` stays exact in one pass
 -------------------------------------
@@ -14,8 +14,9 @@ and a tie must be a *bitwise* tie with the value the block holds: a separate dot
 So (1) a cheap pre-pass computes every positive's score through the *same scorer* (a
 matrix product over the distinct positive items, a few rows of queries at a time: BLAS
 computes an element from its row, its column and the shared k-loop, whatever the other
-rows and columns are); (2) the single pass counts ``block >= that value`` and also
-gathers each positive's score from the block it lies in; (3) a query counts as done only
+rows and columns are); (2) the single pass counts ``block >= the best positive's value``
+(one comparison per score however many positives: see ``_best_threshold``) and gathers
+each positive's score from the block it lies in; (3) a query counts as done only
 if the gathered value equals the pre-pass value bitwise, in which case its count is
 exactly the rank. Any query where the two differ (a BLAS whose kernel depends on the
 shape, a GPU library choosing another algorithm) is recounted by the two-pass method on
@@ -36,10 +37,14 @@ BLOCK_ELEMS = 1 << 22
 PRE_ROWS = 256
 
 
+#: the most columns per block: a float32 count of 0/1 values is exact below 2**24
+MAX_CHUNK = 1 << 24
+
+
 def default_chunk(n_queries: int, n_items: int, chunk) -> int:
     if chunk is None:
         chunk = max(1, BLOCK_ELEMS // max(1, n_queries))
-    return min(chunk, n_items)
+    return min(chunk, n_items, MAX_CHUNK)
 
 
 def _spans(n: int, step: int):
@@ -48,18 +53,14 @@ def _spans(n: int, step: int):
 
 
 class _Buffers:
-    """One score block and one mask, reused for every chunk (contiguous views)."""
+    """One score block, reused for every chunk (a contiguous view of one allocation)."""
 
     def __init__(self, rows: int, chunk: int, dtype, device):
         self.rows = rows
         self.scores = torch.empty(rows * chunk, dtype=dtype, device=device)
-        self.mask = torch.empty(rows * chunk, dtype=torch.bool, device=device)
 
     def block(self, width: int) -> Tensor:
         return self.scores[: self.rows * width].view(self.rows, width)
-
-    def flags(self, width: int) -> Tensor:
-        return self.mask[: self.rows * width].view(self.rows, width)
 
 
 def _positive_scores(scorer, T: Tensor) -> Tensor:
@@ -72,30 +73,30 @@ def _positive_scores(scorer, T: Tensor) -> Tensor:
 
 
 def _count(scorer, T: Tensor, valid: Tensor, threshold: Tensor, chunk: int):
-    """``count[i, p] = #{j : score_ij >= threshold[i, p]}`` and each positive's own score
-    as the blocks hold it, in one pass over the gallery."""
-    n_q, P = T.shape
+    """``count[i] = #{j : score_ij >= threshold[i]}`` and each positive's own score as the
+    blocks hold it (NaN where ``valid`` is False), in one pass over the gallery."""
+    n_q = T.shape[0]
     M = scorer.n_items
     buf = _Buffers(n_q, chunk, scorer.acc, T.device)
-    count = torch.zeros(T.shape, dtype=torch.int64, device=T.device)
+    count = torch.zeros(n_q, dtype=torch.int64, device=T.device)
     seen = torch.full(T.shape, float("nan"), dtype=scorer.acc, device=T.device)
     for start, stop in _spans(M, chunk):
         width = stop - start
         block = scorer(slice(start, stop), out=buf.block(width))
-        flags = buf.flags(width)
-        for p in range(P):
-            # int32 partial sums are exact (width < 2**31) and much faster than int64
-            count[:, p] += torch.ge(block, threshold[:, p:p + 1], out=flags).sum(
-                1, dtype=torch.int32)
         inside = valid & (T >= start) & (T < stop)
-        at = block.gather(1, (T - start).clamp(0, width - 1))
-        seen = torch.where(inside, at, seen)
+        seen = torch.where(inside, block.gather(1, (T - start).clamp(0, width - 1)), seen)
+        # Then the block becomes its own 0/1 mask, summed in floating point: exact (the
+        # partial sums are integers below 2**24) and, unlike a bool mask summed into an
+        # integer dtype, free of a conversion copy of the whole block.
+        count += block.ge_(threshold[:, None]).sum(1).to(torch.int64)
     return count, seen
 
 
-def _best(count: Tensor, valid: Tensor) -> Tensor:
-    big = torch.iinfo(torch.int64).max
-    return count.masked_fill(~valid, big).min(1).values
+def _best_threshold(scores: Tensor, valid: Tensor) -> Tensor:
+    """The best positive's score per row. ``count(t) = #{j : score_j >= t}`` does not
+    increase with ``t``, so the best rank among several positives, ``min_p count(s_p)``,
+    is ``count(max_p s_p)``: one comparison per score, however many positives."""
+    return scores.masked_fill(~valid, float("-inf")).amax(1)
 
 
 def rank_two_pass(scorer, T: Tensor, chunk: int) -> Tensor:
@@ -103,26 +104,25 @@ def rank_two_pass(scorer, T: Tensor, chunk: int) -> Tensor:
     recomputes the same blocks (same shapes, so the same bits) and counts."""
     valid = T >= 0
     Tc = T.clamp(min=0)
-    inf = torch.full(T.shape, float("inf"), dtype=scorer.acc, device=T.device)
-    _, pos = _count(scorer, Tc, valid, inf, chunk)       # counts against +inf: ignored
-    count, _ = _count(scorer, Tc, valid, pos.masked_fill(~valid, float("inf")), chunk)
-    return _best(count, valid)
+    nothing = torch.full((T.shape[0],), float("inf"), dtype=scorer.acc, device=T.device)
+    _, pos = _count(scorer, Tc, valid, nothing, chunk)      # counts against +inf: unused
+    count, _ = _count(scorer, Tc, valid, _best_threshold(pos, valid), chunk)
+    return count
 
 
 def rank_one_pass(scorer, T: Tensor, chunk: int):
     """Ranks (Q,) int64 and how many query rows needed the two-pass recount."""
     valid = T >= 0
     Tc = T.clamp(min=0)
-    # padding (-1) compares against +inf: it counts nothing (every score is finite or -inf)
-    threshold = _positive_scores(scorer, Tc).masked_fill(~valid, float("inf"))
-    count, seen = _count(scorer, Tc, valid, threshold, chunk)
-    ranks = _best(count, valid)
-    # NaN never equals anything, so a NaN score is recounted too (and stays consistent)
-    same = (seen == threshold) | ~valid
+    pre = _positive_scores(scorer, Tc)
+    count, seen = _count(scorer, Tc, valid, _best_threshold(pre, valid), chunk)
+    # every positive's score must be the block's, bit for bit, for the count to be its
+    # rank; NaN never equals anything, so a NaN score is recounted too
+    same = (seen == pre) | ~valid
     redo = (~same.all(1)).nonzero()[:, 0]
     if redo.numel():
-        ranks[redo] = rank_two_pass(scorer.rows(redo), T[redo], chunk)
-    return ranks, int(redo.numel())
+        count[redo] = rank_two_pass(scorer.rows(redo), T[redo], chunk)
+    return count, int(redo.numel())
 
 
 def topk(scorer, k: int, chunk: int):
