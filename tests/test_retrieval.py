@@ -199,6 +199,9 @@ def test_retrieval_bad_inputs():
         R.ranks(q, gallery, torch.tensor([0, 1, 2, 3]), 0.0)
     with pytest.raises(ValueError, match="finite"):
         R.ranks(q.clone().fill_(float("nan")), gallery, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="NaN"):   # inf - inf inside the product
+        R.ranks(torch.full((2, 3), 1e30), torch.tensor([[1e30, -1e30, 0.0]] * 4),
+                torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="k must be"):
         R.topk(q, gallery, 6)
     with pytest.raises(ValueError, match="chunk"):
