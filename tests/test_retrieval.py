@@ -136,12 +136,14 @@ def test_ranks_recount_when_the_prepass_disagrees(monkeypatch):
     assert torch.equal(R.ranks(q, gallery, targets, chunk=7), expect)
 
 
-def test_ranks_prepass_matches_the_blocks_here():
+@pytest.mark.parametrize("n", [1, 2, 7, 300])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_ranks_prepass_matches_the_blocks_here(n, with_bias):
     # not a correctness requirement (a mismatch is recounted), but the one-pass speed
     # depends on it: on this CPU's BLAS no row should need the recount
-    q, gallery = random_embeddings(300, 5000, 64, torch.float32, seed=6)
-    bias = torch.randn(5000, generator=torch.Generator().manual_seed(6))
-    targets = random_targets(300, 5000, seed=6)[:, None]
+    q, gallery = random_embeddings(n, 5000, 64, torch.float32, seed=6)
+    bias = torch.randn(5000, generator=torch.Generator().manual_seed(6)) if with_bias else None
+    targets = random_targets(n, 5000, 2, seed=6)
     _, recounted = _stream.rank_one_pass(LinearScorer(q, gallery, 20.0, bias), targets, 1024)
     assert recounted == 0
 

@@ -38,6 +38,8 @@ BLOCK_ELEMS = 1 << 22
 MAX_CHUNK = 1 << 24
 #: query rows per step of the positives' pre-pass (its cost is n_queries * this * P * D)
 PRE_ROWS = 256
+#: the fewest columns of a pre-pass product (see _positive_scores)
+PRE_COLS = 64
 
 
 def default_chunk(n_queries: int, n_items: int, chunk) -> int:
@@ -63,10 +65,21 @@ class _Buffers:
 
 
 def _positive_scores(scorer, T: Tensor) -> Tensor:
-    """Scores of ``T`` (Q, P; no -1) through ``scorer``, a few query rows at a time."""
+    """Scores of ``T`` (Q, P; no -1) through ``scorer``, a few query rows at a time.
+
+    Shapes are kept away from the BLAS small-matrix paths, whose summation order can
+    differ from the blocks' (measured with MKL: 1-2 rows or fewer than 64 columns gave
+    different bits, 4+ rows and 64+ columns none): the rows are split into nearly equal
+    groups and the distinct positives are padded with filler columns up to ``PRE_COLS``.
+    """
+    n_q = T.shape[0]
     out = torch.empty(T.shape, dtype=scorer.acc, device=T.device)
-    for start, stop in _spans(T.shape[0], PRE_ROWS):
+    groups = -(-n_q // PRE_ROWS)
+    step = -(-n_q // groups)
+    for start, stop in _spans(n_q, step):
         items, where = torch.unique(T[start:stop], return_inverse=True)
+        if items.numel() < PRE_COLS:
+            items = torch.cat([items, items.new_zeros(PRE_COLS - items.numel())])
         out[start:stop] = scorer.rows(slice(start, stop))(items).gather(1, where)
     return out
 
