@@ -4,9 +4,11 @@ import subprocess
 import sys
 import textwrap
 
+import hypothesis.strategies as st
 import pytest
 import torch
 from conftest import ROOT, STORAGE_DTYPES, child_env, random_embeddings, rel_err
+from hypothesis import given, settings
 
 import ncl_kernels as nk
 import python_ref as ref
@@ -242,3 +244,19 @@ def test_ranks_and_topk_peak_memory():
     assert done.returncode == 0, done.stderr
     growth_mib = float(done.stdout.strip())
     assert growth_mib < 64, f"peak RSS grew by {growth_mib:.0f} MiB"
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 20), m=st.integers(1, 60), p=st.integers(1, 3),
+       chunk=st.integers(1, 70), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 4.0]))
+def test_ranks_property_exact_integers(n, m, p, chunk, seed, scale):
+    # many exact ties (entries in -1..1, D = 3), removed items, several positives
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-1, 2, (n, 3), generator=gen).float()
+    y = torch.randint(-1, 2, (m, 3), generator=gen).float()
+    bias = torch.randint(-1, 2, (m,), generator=gen).float()
+    bias[torch.rand(m, generator=gen) < 0.2] = float("-inf")
+    targets = torch.randint(-1, m, (n, p), generator=gen)
+    targets[:, 0] = targets[:, 0].clamp(min=0)
+    expect = ref.ranks(ref.scores(q, y, scale, bias), targets)
+    assert torch.equal(R.ranks(q, y, targets, scale, bias=bias, chunk=chunk), expect)
