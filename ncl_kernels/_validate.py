@@ -336,3 +336,69 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False; got {value!r}")
     return value
+
+
+# -- retrieval (ncl_kernels.retrieval) ------------------------------------------------------
+
+def choice(name: str, value, options: Sequence[str]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}; got {value!r}")
+    return value
+
+
+def positive_int(name: str, value) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def topk_k(k, m: int) -> int:
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or not 1 <= k <= m:
+        raise ValueError(f"k must be an integer in [1, {m}] (the gallery size); got {k!r}")
+    return int(k)
+
+
+def retrieval_targets(targets, n_q: int, m: int, device) -> Tensor:
+    """Positives of each query: (Q,) or (Q, P) int64 gallery indices, -1 = padding.
+
+    Returned as (Q, P) on ``device``; every row needs at least one index that is not -1.
+    """
+    t = _tensor("targets", targets)
+    if t.dtype != torch.int64:
+        raise TypeError(f"targets must be an int64 tensor; got {t.dtype}")
+    if t.dim() == 1:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[0] != n_q or t.shape[1] == 0:
+        raise ValueError(f"targets must have shape ({n_q},) or ({n_q}, P) with P >= 1; got "
+                         f"{tuple(targets.shape)}")
+    same_device(targets=t, queries=torch.empty(0, device=device))
+    bad = (t < -1) | (t >= m)
+    if bool(bad.any()):
+        raise ValueError(f"targets must be gallery indices in [0, {m}) or -1 (padding); got "
+                         f"{int(t[bad][0])}")
+    if bool((t < 0).all(1).any()):
+        row = int((t < 0).all(1).nonzero()[0, 0])
+        raise ValueError(f"every query needs at least one target that is not -1; row {row} "
+                         f"has none")
+    return t
+
+
+def caption_index(caption_to_video, n_videos=None) -> tuple[Tensor, int]:
+    """A caption -> video index: 1-D int64, entries in [0, n_videos).
+
+    ``n_videos=None`` means ``max + 1``. Returns the index and the number of videos.
+    """
+    t = _tensor("caption_to_video", caption_to_video)
+    if t.dtype != torch.int64:
+        raise TypeError(f"caption_to_video must be an int64 tensor; got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] == 0:
+        raise ValueError(f"caption_to_video must be a non-empty 1-D tensor; got shape "
+                         f"{tuple(t.shape)}")
+    if n_videos is None:
+        n_videos = int(t.max()) + 1
+    n_videos = positive_int("n_videos", n_videos)
+    bad = (t < 0) | (t >= n_videos)
+    if bool(bad.any()):
+        raise ValueError(f"caption_to_video entries must be video indices in [0, {n_videos}); "
+                         f"got {int(t[bad][0])}")
+    return t, n_videos
