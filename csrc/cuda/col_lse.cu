@@ -24,13 +24,29 @@ namespace ncl {
 namespace cuda {
 namespace {
 
-constexpr int kUnroll = 4;             // rows per warp per step (loads in flight)
+// Rows per warp per step: the loads issued before any is consumed. 2 x 16 B per thread
+// with 2048 resident threads is 64 KB in flight per SM, about twice what HBM latency
+// needs on an H200; 4 made ptxas spill (sm_80/90, 2-byte storage).
+constexpr int kUnroll = 2;
 constexpr int64_t kMinRowsPerSlab = 64;  // below this a slab is not worth a partial
 constexpr int64_t kMaxSlabs = 65535;     // gridDim.y limit
 constexpr int kBlocksPerSm = 8;        // resident 256-thread blocks per SM we aim for
 
 template <typename Storage>
 __host__ __device__ constexpr int tile_cols() { return 32 * Vec<Storage>::kN; }
+
+// st[k].push(scale * x[k] + f[i]) for the kN columns of one vector of row i
+template <typename Storage, typename Acc>
+__device__ __forceinline__ void push_vec(LseState<Acc> (&st)[Vec<Storage>::kN],
+                                         const Vec<Storage>& x, Acc scale, const Acc* f,
+                                         int64_t i) {
+  const Acc fi = f ? f[i] : Acc(0);
+#pragma unroll
+  for (int k = 0; k < Vec<Storage>::kN; ++k) {
+    const Acc l = mul_rn(scale, Acc(load_acc(x.e[k])));
+    st[k].push(f ? add_rn(l, fi) : l);
+  }
+}
 
 template <typename Storage, typename Acc, bool VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -50,14 +66,6 @@ col_lse_kernel(const Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_
   const bool full = VEC && c0 + kN <= m;
 
   LseState<Acc> st[kN];
-  const auto push_row = [&](int64_t i, const Storage (&x)[kN]) {
-    const Acc fi = f ? f[i] : Acc(0);
-#pragma unroll
-    for (int k = 0; k < kN; ++k) {
-      const Acc l = mul_rn(scale, Acc(load_acc(x[k])));
-      st[k].push(f ? add_rn(l, fi) : l);
-    }
-  };
 
   if (full) {
     int64_t i = r_begin + warp;
@@ -67,11 +75,10 @@ col_lse_kernel(const Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) v[u] = load_vec(S + (i + u * kWarps) * row_stride + c0);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) push_row(i + u * kWarps, v[u].e);
+      for (int u = 0; u < kUnroll; ++u) push_vec(st, v[u], scale, f, i + u * kWarps);
     }
     for (; i < r_end; i += kWarps) {
-      const Vec<Storage> v = load_vec(S + i * row_stride + c0);
-      push_row(i, v.e);
+      push_vec(st, load_vec(S + i * row_stride + c0), scale, f, i);
     }
   } else if (c0 < m) {  // unaligned rows or the last, partial tile: element loads
     for (int64_t i = r_begin + warp; i < r_end; i += kWarps) {
