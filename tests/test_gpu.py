@@ -26,7 +26,7 @@ from conftest import (
 import ncl_kernels as nk
 import python_ref as ref
 from ncl_kernels.backends import get as get_backend
-from ncl_kernels.backends.base import acc_dtype
+from ncl_kernels.backends.base import Backend, acc_dtype
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -94,10 +94,15 @@ def low_precision_view(ref32, dtype):
 
 
 # ---------------------------------------------------------------- checks
+def backend_for(backend, device):
+    """A backend name (looked up for ``device``) or a Backend object (used as is)."""
+    return backend if isinstance(backend, Backend) else get_backend(backend, torch.device(device))
+
+
 def check_row_lse(backend, device, dtype, shape, layout, with_bias):
     S, _ = scores_on(device, *shape, dtype, seed=shape[1], layout=layout, mask="lines")
     g = vector(shape[1], acc_dtype(dtype), device, 1) if with_bias else None
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     out = be.row_lse(S, SCALE, g)
     assert out.dtype == acc_dtype(dtype) and out.shape == (shape[0],)
     gc = None if g is None else g.cpu()
@@ -108,7 +113,7 @@ def check_row_lse(backend, device, dtype, shape, layout, with_bias):
 def check_col_lse(backend, device, dtype, shape, layout, with_bias):
     S, _ = scores_on(device, *shape, dtype, seed=shape[0], layout=layout, mask="lines")
     f = vector(shape[0], acc_dtype(dtype), device, 2) if with_bias else None
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     out = be.col_lse(S, SCALE, f)
     assert out.dtype == acc_dtype(dtype) and out.shape == (shape[1],)
     fc = None if f is None else f.cpu()
@@ -151,7 +156,7 @@ def grad_problem(device, dtype, shape, layout, seed=0):
 def check_ncl_grad(backend, device, dtype, shape, layout, mode):
     S, wide, args, refs = grad_problem(device, dtype, shape, layout)
     (out64, ds64), (out32, ds32) = refs[torch.float64], refs[torch.float32]
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     wide_before = wide.clone()
     if mode == "none":
         out = None
@@ -184,7 +189,7 @@ def check_ncl_grad_row_offset(backend, device, dtype):
     """A chunk of rows with row_offset gives the same rows as the whole block."""
     S, _, args, _ = grad_problem(device, dtype, (67, 45), "contiguous", seed=5)
     f, g, lse_row, lse_col, coef_row, coef_col, y, z = args
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     whole = torch.empty_like(S)
     ds_whole = be.ncl_grad_(S, SCALE, *args, out=whole)
     ds_parts = 0.0
@@ -208,7 +213,7 @@ def check_apply_biases(backend, device, dtype, shape, layout, which):
     r64 = ref.apply_biases(Sc, SCALE, fc, gc)
     r32 = low_precision_view(ref.apply_biases(Sc, SCALE, fc, gc, dtype=torch.float32), dtype)
     wide_before = wide.clone()
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     out = be.apply_biases_(S, SCALE, f, g)
     assert out is S
     assert_close(S.cpu(), r64, r32, dtype, "apply_biases_")
@@ -277,7 +282,7 @@ def test_one_by_one_gradient_is_exactly_zero(backend, dtype):
     """A 1 x 1 block: both softmaxes are exactly 1, so G = 0 and dscale = 0 exactly (the
     logits in the gradient pass must round as in the LSE passes)."""
     S = torch.full((1, 1), 0.37, dtype=dtype, device="cuda")
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     acc = acc_dtype(dtype)
     f = torch.tensor([0.25], dtype=acc, device="cuda")
     g = torch.tensor([-1.5], dtype=acc, device="cuda")
@@ -295,7 +300,7 @@ def test_one_by_one_gradient_is_exactly_zero(backend, dtype):
 @pytest.mark.parametrize("shape", [(5000, 7), (1031, 4099)])
 def test_deterministic(backend, dtype, shape):
     S, _ = scores_on("cuda", *shape, dtype, seed=11, mask="scattered")
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     _, _, args, _ = grad_problem("cuda", dtype, shape, "contiguous", seed=11)
     runs = [(be.row_lse(S, SCALE, args[1]), be.col_lse(S, SCALE, args[0]),
              be.ncl_grad_(S, SCALE, *args)) for _ in range(3)]
@@ -309,7 +314,7 @@ def test_no_host_synchronization(backend):
     """No primitive synchronizes the host with the device (torch's sync debug mode raises
     on any synchronizing PyTorch call; the kernels' launchers never synchronize)."""
     S, _, args, _ = grad_problem("cuda", torch.bfloat16, (1031, 67), "unaligned")
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     be.row_lse(S, SCALE, args[1])  # warm-up: first-call lazy initializations may sync
     be.col_lse(S, SCALE, args[0])
     torch.cuda.synchronize()
@@ -328,7 +333,7 @@ def test_no_host_synchronization(backend):
 @pytest.mark.parametrize("backend", cuda_only())
 def test_runs_on_the_callers_stream(backend):
     S, _, args, _ = grad_problem("cuda", torch.float32, (1031, 67), "contiguous")
-    be = get_backend(backend, S.device)
+    be = backend_for(backend, S.device)
     expect = (be.row_lse(S, SCALE, args[1]), be.col_lse(S, SCALE, args[0]),
               be.ncl_grad_(S, SCALE, *args))
     side = torch.cuda.Stream()

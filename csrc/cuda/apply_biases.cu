@@ -54,16 +54,15 @@ cudaError_t launch(void* S, int64_t n, int64_t m, int64_t row_stride, double sca
   const Acc* gp = static_cast<const Acc*>(g);
   const bool vec = rows_aligned16<Storage>(S, row_stride);
   const RowGrid rg = row_grid(n, m, kMaxBlocks);
-#define NCL_LAUNCH(WPR, VEC)                                                    \
-  apply_biases_kernel<Storage, Acc, WPR, VEC><<<rg.blocks, kThreads, 0, stream>>>( \
-      s, n, m, row_stride, Acc(scale), fp, gp)
+#define NCL_LAUNCH(WPR, VEC)                                                        \
+  return launch_kernel(apply_biases_kernel<Storage, Acc, WPR, VEC>, dim3(rg.blocks),   \
+                       dim3(kThreads), stream, s, n, m, row_stride, Acc(scale), fp, gp)
   if (rg.block_per_row) {
     if (vec) NCL_LAUNCH(kWarps, true); else NCL_LAUNCH(kWarps, false);
   } else {
     if (vec) NCL_LAUNCH(1, true); else NCL_LAUNCH(1, false);
   }
 #undef NCL_LAUNCH
-  return cudaGetLastError();
 }
 
 }  // namespace

@@ -162,19 +162,19 @@ cudaError_t launch(const void* S, int64_t n, int64_t m, int64_t row_stride, doub
   Acc* ws = wm ? wm + slabs * m : nullptr;
   const dim3 grid{unsigned(tiles), unsigned(slabs), 1u};
   const bool vec = rows_aligned16<Storage>(S, row_stride);
-  if (vec)
-    col_lse_kernel<Storage, Acc, true><<<grid, kThreads, 0, stream>>>(
-        s, n, m, row_stride, Acc(scale), static_cast<const Acc*>(f), rows_per_slab, o, wm, ws);
-  else
-    col_lse_kernel<Storage, Acc, false><<<grid, kThreads, 0, stream>>>(
-        s, n, m, row_stride, Acc(scale), static_cast<const Acc*>(f), rows_per_slab, o, wm, ws);
-  cudaError_t e = cudaGetLastError();
+  const Acc* fp = static_cast<const Acc*>(f);
+  const cudaError_t e =
+      vec ? launch_kernel(col_lse_kernel<Storage, Acc, true>, grid, dim3(kThreads), stream, s,
+                          n, m, row_stride, Acc(scale), fp, rows_per_slab, o, wm, ws)
+          : launch_kernel(col_lse_kernel<Storage, Acc, false>, grid, dim3(kThreads), stream, s,
+                          n, m, row_stride, Acc(scale), fp, rows_per_slab, o, wm, ws);
   if (e != cudaSuccess || slabs == 1) return e;
 
   int64_t blocks = ceil_div(m, kThreads);
   if (blocks > (1 << 16)) blocks = 1 << 16;
-  col_lse_merge_kernel<Acc><<<unsigned(blocks), kThreads, 0, stream>>>(m, slabs, wm, ws, o);
-  return cudaGetLastError();
+  return launch_kernel(col_lse_merge_kernel<Acc>, dim3(unsigned(blocks)), dim3(kThreads),
+                       stream, m, slabs, static_cast<const Acc*>(wm),
+                       static_cast<const Acc*>(ws), o);
 }
 
 }  // namespace

@@ -30,6 +30,21 @@ constexpr int kWarps = kThreads / 32;
 // per block.
 constexpr int64_t kBlockPerRowMin = 4096;
 
+// ---------------------------------------------------------------- launches
+// Every kernel is launched through here: on the GPU, a launch on `stream` and the launch
+// error; compiled for the CPU (host_emulation.h, tests only), a run of the whole grid.
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block,
+                                 cudaStream_t stream, Args... args) {
+#ifdef NCL_HOST_EMULATION
+  (void)stream;
+  return ncl_emu::launch(grid, block, [&] { kernel(args...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
 // ---------------------------------------------------------------- conversions
 __device__ __forceinline__ float from_acc(float x, float*) { return x; }
 __device__ __forceinline__ double from_acc(double x, double*) { return x; }

@@ -105,11 +105,13 @@ cudaError_t launch(const GradPtrs& p, int64_t n, int64_t m, int64_t row_stride,
     const bool write = o != nullptr;
     const bool vec = rows_aligned16<Storage>(p.S, row_stride) &&
                      (!write || rows_aligned16<Storage>(p.out, out_row_stride));
-#define NCL_LAUNCH(WPR, VEC, WRITE)                                                      \
-  ncl_grad_kernel<Storage, Acc, WPR, VEC, WRITE><<<rg.blocks, kThreads, 0, stream>>>(     \
-      s, o, n, m, row_stride, out_row_stride, a, partials)
+#define NCL_LAUNCH(WPR, VEC, WRITE)                                                   \
+  e = launch_kernel(ncl_grad_kernel<Storage, Acc, WPR, VEC, WRITE>, dim3(rg.blocks),     \
+                    dim3(kThreads), stream, s, o, n, m, row_stride, out_row_stride, a,     \
+                    partials)
 #define NCL_LAUNCH_W(WPR, VEC) \
   if (write) NCL_LAUNCH(WPR, VEC, true); else NCL_LAUNCH(WPR, VEC, false)
+    cudaError_t e;
     if (rg.block_per_row) {
       if (vec) { NCL_LAUNCH_W(kWarps, true); } else { NCL_LAUNCH_W(kWarps, false); }
     } else {
@@ -117,11 +119,10 @@ cudaError_t launch(const GradPtrs& p, int64_t n, int64_t m, int64_t row_stride,
     }
 #undef NCL_LAUNCH_W
 #undef NCL_LAUNCH
-    const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
   }
-  sum_partials_kernel<Acc><<<1, kThreads, 0, stream>>>(partials, count, ds);
-  return cudaGetLastError();
+  return launch_kernel(sum_partials_kernel<Acc>, dim3(1), dim3(kThreads), stream,
+                       static_cast<const Acc*>(partials), count, ds);
 }
 
 }  // namespace

@@ -103,10 +103,9 @@ class CudaBackend(TorchBackend):
                   out=None, row_offset=0):
         N, M = S.shape
         acc = acc_dtype(S.dtype)
-        zeros_n = torch.zeros(N, dtype=acc, device=S.device)
-        zeros_m = torch.zeros(M, dtype=acc, device=S.device)
-        f = _vec(f, acc) if f is not None else zeros_n
-        g = _vec(g, acc) if g is not None else zeros_m
+        # the kernel reads f and g unconditionally: zeros stand in for missing ones
+        f = _vec(f, acc) if f is not None else torch.zeros(N, dtype=acc, device=S.device)
+        g = _vec(g, acc) if g is not None else torch.zeros(M, dtype=acc, device=S.device)
         lse_row, lse_col = _vec(lse_row, acc), _vec(lse_col, acc)
         coef_row, coef_col = _vec(coef_row, acc), _vec(coef_col, acc)
         y, z = y.to(torch.int64).contiguous(), z.to(torch.int64).contiguous()
