@@ -157,6 +157,11 @@ def test_one_by_one_gradient_is_exactly_zero(emu, dtype):
     assert float(ds) == 0.0 and float(out) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_misaligned_column_vectors(emu, dtype):
+    gpu.check_misaligned_column_vectors(emu, "cpu", dtype)
+
+
 def test_col_lse_many_slabs_matches_one_slab(emu):
     """The two-stage path (partials + merge) against the one-pass path on the same rows."""
     S, _ = gpu.scores_on("cpu", 2000, 45, torch.float32, seed=3, mask="lines")

@@ -223,6 +223,32 @@ def check_apply_biases(backend, device, dtype, shape, layout, which):
     return S
 
 
+def check_misaligned_column_vectors(backend, device, dtype):
+    """g, lse_col, coef_col and z as views one element past a 16-byte boundary take the
+    element-wise column loads; the results are the same bits as with aligned vectors."""
+    S, _, args, _ = grad_problem(device, dtype, (67, 1031), "aligned")
+    be = backend_for(backend, S.device)
+
+    def shifted(v):  # the same values, at an address that is not 16-byte aligned
+        w = torch.empty(v.numel() + 1, dtype=v.dtype, device=v.device)[1:]
+        w.copy_(v)
+        assert w.data_ptr() % 16 != 0
+        return w
+
+    f, g, lse_row, lse_col, coef_row, coef_col, y, z = args
+    bad = (f, shifted(g), lse_row, shifted(lse_col), coef_row, shifted(coef_col), y, shifted(z))
+    assert torch.equal(be.row_lse(S, SCALE, bad[1]), be.row_lse(S, SCALE, g))
+    outs = []
+    for a in (args, bad):
+        out = torch.empty_like(S)
+        outs.append((be.ncl_grad_(S, SCALE, *a, out=out), out))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    A, B = S.clone(), S.clone()
+    be.apply_biases_(A, SCALE, f, g)
+    be.apply_biases_(B, SCALE, f, bad[1])
+    assert torch.equal(A, B)
+
+
 # ---------------------------------------------------------------- the primitives
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
@@ -274,6 +300,12 @@ def test_apply_biases_rounds_like_pytorch(backend, dtype, layout):
     ours = check_apply_biases(backend, "cuda", dtype, (67, 1031), layout, "fg")
     torch_be = check_apply_biases("torch", "cuda", dtype, (67, 1031), layout, "fg")
     assert torch.equal(ours, torch_be)
+
+
+@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_misaligned_column_vectors(backend, dtype):
+    check_misaligned_column_vectors(backend, "cuda", dtype)
 
 
 @pytest.mark.parametrize("backend", cuda_only())

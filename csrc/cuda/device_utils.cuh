@@ -100,40 +100,73 @@ inline bool rows_aligned16(const void* p, int64_t row_stride) {
          (row_stride * int64_t(sizeof(Storage))) % 16 == 0;
 }
 
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// out[k] = p[j0 + k] for the K columns of one vector (j0 a multiple of K). Per-column
+// vectors (g, lse_col, coefficients, targets) are read alongside each 16-byte vector of S;
+// element by element, a warp's lanes would touch 32 sectors spread over 1 KB per load and
+// the L1 traffic, not HBM, would bound the row kernels. `aligned` (p is 16-byte aligned,
+// so every p + j0 is): 16-byte loads; otherwise one load per element.
+template <int K, typename T>
+__device__ __forceinline__ void load_cols(const T* p, int64_t j0, bool aligned, T (&out)[K]) {
+  static_assert((K * sizeof(T)) % 16 == 0, "whole 16-byte vectors");
+  if (aligned) {
+    const uint4* q = reinterpret_cast<const uint4*>(p + j0);
+#pragma unroll
+    for (int w = 0; w < int(K * sizeof(T) / 16); ++w) {
+      const uint4 r = q[w];
+      memcpy(reinterpret_cast<char*>(out) + 16 * w, &r, 16);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < K; ++k) out[k] = p[j0 + k];
+  }
+}
+
 // ---------------------------------------------------------------- row walk
 // Visits the elements of one row [0, m) that thread t (of the kGroup threads sharing the
 // row) owns: whole 16-byte vectors v = t, t + kGroup, ... when VEC, then the m % kN tail
-// one element at a time. fn(j, x) gets the element's column and value (as Acc) and
-// returns nothing (read) — see update_row for read-modify-write.
+// one element at a time. A functor Fn (with a member type Acc) gets
+//   fn.vec(j0, x)  x: the kN values (as Acc) of the vector at columns j0 .. j0 + kN - 1
+//   fn(j, x)       one element (the tail, and every element when !VEC)
+// read_row ignores what fn does to x; update_row (read-modify-write) stores it.
 template <typename Storage, int kGroup, bool VEC, typename Fn>
 __device__ __forceinline__ void read_row(const Storage* row, int64_t m, int t, Fn& fn) {
+  using Acc = typename Fn::Acc;
   constexpr int kN = Vec<Storage>::kN;
   int64_t j_tail = 0;
   if (VEC) {
     const int64_t nvec = m / kN;
     for (int64_t v = t; v < nvec; v += kGroup) {
       const Vec<Storage> x = load_vec(row + v * kN);
+      Acc xa[kN];
 #pragma unroll
-      for (int k = 0; k < kN; ++k) fn(v * kN + k, load_acc(x.e[k]));
+      for (int k = 0; k < kN; ++k) xa[k] = load_acc(x.e[k]);
+      fn.vec(v * kN, xa);
     }
     j_tail = nvec * kN;
   }
   for (int64_t j = j_tail + t; j < m; j += kGroup) fn(j, load_acc(row[j]));
 }
 
-// Like read_row, but out[j] = fn(j, in[j]) (rounded to Storage). in == out is allowed:
-// each element is read before it is written, by the same thread.
+// Like read_row, but out[j] = the value fn leaves (rounded to Storage). in == out is
+// allowed: each element is read before it is written, by the same thread.
 template <typename Storage, int kGroup, bool VEC, typename Fn>
 __device__ __forceinline__ void update_row(const Storage* in, Storage* out, int64_t m, int t,
                                            Fn& fn) {
+  using Acc = typename Fn::Acc;
   constexpr int kN = Vec<Storage>::kN;
   int64_t j_tail = 0;
   if (VEC) {
     const int64_t nvec = m / kN;
     for (int64_t v = t; v < nvec; v += kGroup) {
       Vec<Storage> x = load_vec(in + v * kN);
+      Acc xa[kN];
 #pragma unroll
-      for (int k = 0; k < kN; ++k) x.e[k] = store_as<Storage>(fn(v * kN + k, load_acc(x.e[k])));
+      for (int k = 0; k < kN; ++k) xa[k] = load_acc(x.e[k]);
+      fn.vec(v * kN, xa);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) x.e[k] = store_as<Storage>(xa[k]);
       store_vec(out + v * kN, x);
     }
     j_tail = nvec * kN;

@@ -28,24 +28,42 @@ struct GradArgs {
   const Acc *f, *g, *lse_row, *lse_col, *coef_row, *coef_col;
   const int64_t *y, *z;
   int64_t row_offset;  // global index of row 0 (for the column targets z)
+  bool cols_aligned;   // g, lse_col, coef_col and z all 16-byte aligned (load_cols)
 };
 
 // One element: returns scale * G_ij and adds G_ij * S_ij to ds (masked entries add 0:
 // their logit does not depend on the scale).
-template <typename Acc>
+template <typename Acc_>
 struct GradElem {
+  using Acc = Acc_;
   const GradArgs<Acc> a;  // by value: a reference to a kernel parameter forces a local copy
   Acc f_i, lse_row_i, crow_i;
   int64_t y_i, i_global;
   Acc& ds;
-  __device__ __forceinline__ Acc operator()(int64_t j, Acc x) {
+
+  __device__ __forceinline__ Acc elem(int64_t j, Acc x, Acc g_j, Acc lse_col_j, Acc ccol_j,
+                                      int64_t z_j) {
     // l rounded on its own (mul_rn), as in row_lse/col_lse, so that l + g_j and l + f_i
     // below equal the values those kernels pushed (a softmax that must be 1 is exactly 1)
     const Acc l = mul_rn(a.scale, x);
-    const Acc G = ncl_grad_elem(l, f_i, a.g[j], lse_row_i, a.lse_col[j], j == y_i,
-                                i_global == a.z[j], crow_i, a.coef_col[j]);
+    const Acc G = ncl_grad_elem(l, f_i, g_j, lse_row_i, lse_col_j, j == y_i, i_global == z_j,
+                                crow_i, ccol_j);
     if (x != neg_inf<Acc>()) ds += G * x;
     return G * a.scale;
+  }
+  __device__ __forceinline__ Acc operator()(int64_t j, Acc x) {
+    return elem(j, x, a.g[j], a.lse_col[j], a.coef_col[j], a.z[j]);
+  }
+  template <int K>
+  __device__ __forceinline__ void vec(int64_t j0, Acc (&x)[K]) {
+    Acc gv[K], lc[K], cc[K];
+    int64_t zv[K];
+    load_cols(a.g, j0, a.cols_aligned, gv);
+    load_cols(a.lse_col, j0, a.cols_aligned, lc);
+    load_cols(a.coef_col, j0, a.cols_aligned, cc);
+    load_cols(a.z, j0, a.cols_aligned, zv);
+#pragma unroll
+    for (int k = 0; k < K; ++k) x[k] = elem(j0 + k, x[k], gv[k], lc[k], cc[k], zv[k]);
   }
 };
 
@@ -92,7 +110,9 @@ cudaError_t launch(const GradPtrs& p, int64_t n, int64_t m, int64_t row_stride,
                         static_cast<const Acc*>(p.f), static_cast<const Acc*>(p.g),
                         static_cast<const Acc*>(p.lse_row), static_cast<const Acc*>(p.lse_col),
                         static_cast<const Acc*>(p.coef_row), static_cast<const Acc*>(p.coef_col),
-                        p.y, p.z, row_offset};
+                        p.y, p.z, row_offset,
+                        aligned16(p.g) && aligned16(p.lse_col) && aligned16(p.coef_col) &&
+                            aligned16(p.z)};
   Acc* partials = static_cast<Acc*>(p.work);
   Acc* ds = static_cast<Acc*>(p.ds);
   int64_t count = 0;

@@ -18,14 +18,28 @@ namespace {
 // gridDim.x limit for any int64 n).
 constexpr int64_t kMaxBlocks = 1 << 16;
 
-template <typename Acc>
+template <typename Acc_>
 struct PushLogit {  // st.push(scale * x + g[j]) with the logit rounded as everywhere else
+  using Acc = Acc_;
   LseState<Acc>& st;
   Acc scale;
   const Acc* g;
+  bool g_aligned;
   __device__ __forceinline__ void operator()(int64_t j, Acc x) {
     const Acc l = mul_rn(scale, x);
     st.push(g ? add_rn(l, g[j]) : l);
+  }
+  template <int K>
+  __device__ __forceinline__ void vec(int64_t j0, Acc (&x)[K]) {
+    if (g) {
+      Acc gv[K];
+      load_cols(g, j0, g_aligned, gv);
+#pragma unroll
+      for (int k = 0; k < K; ++k) st.push(add_rn(mul_rn(scale, x[k]), gv[k]));
+    } else {
+#pragma unroll
+      for (int k = 0; k < K; ++k) st.push(mul_rn(scale, x[k]));
+    }
   }
 };
 
@@ -34,7 +48,7 @@ struct PushLogit {  // st.push(scale * x + g[j]) with the logit rounded as every
 template <typename Storage, typename Acc, int WARPS_PER_ROW, bool VEC>
 __global__ void __launch_bounds__(kThreads)
 row_lse_kernel(const Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_stride,
-               Acc scale, const Acc* __restrict__ g, Acc* __restrict__ out) {
+               Acc scale, const Acc* __restrict__ g, bool g_aligned, Acc* __restrict__ out) {
   static_assert(WARPS_PER_ROW == 1 || WARPS_PER_ROW == kWarps, "warp or block per row");
   constexpr int kRowsPerBlock = kWarps / WARPS_PER_ROW;
   constexpr int kGroup = 32 * WARPS_PER_ROW;  // threads reducing one row
@@ -50,7 +64,7 @@ row_lse_kernel(const Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_
     const int64_t i = row0 + warp / WARPS_PER_ROW;
     LseState<Acc> st;
     if (i < n) {
-      PushLogit<Acc> fn{st, scale, g};
+      PushLogit<Acc> fn{st, scale, g, g_aligned};
       read_row<Storage, kGroup, VEC>(S + i * row_stride, m, t, fn);
     }
     st = warp_merge(st);  // every lane takes part, also those past the last row
@@ -83,7 +97,7 @@ cudaError_t launch(const void* S, int64_t n, int64_t m, int64_t row_stride, doub
 
 #define NCL_LAUNCH(WPR, VEC)                                                      \
   return launch_kernel(row_lse_kernel<Storage, Acc, WPR, VEC>, dim3(rg.blocks),    \
-                       dim3(kThreads), stream, s, n, m, row_stride, sc, gp, o)
+                       dim3(kThreads), stream, s, n, m, row_stride, sc, gp, aligned16(gp), o)
   if (rg.block_per_row) {
     if (vec) NCL_LAUNCH(kWarps, true); else NCL_LAUNCH(kWarps, false);
   } else {
