@@ -37,19 +37,102 @@ void check(cudaError_t e, const char* what) {
                              cudaGetErrorString(e));
 }
 
+// Runs a launcher without the GIL (a launch can block when the stream's queue is full),
+// then raises its error, if any, as a RuntimeError with the GIL held.
+template <typename Launch>
+void launch_checked(const char* what, Launch&& launch) {
+  cudaError_t e;
+  {
+    py::gil_scoped_release no_gil;
+    e = launch();
+  }
+  check(e, what);
+}
+
+template <typename T = void>
+const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+template <typename T = void>
+T* mptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+void require(uintptr_t p, const char* name) {
+  if (p == 0) throw py::value_error(std::string("null pointer: ") + name);
+}
+
 void row_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
              uintptr_t g_ptr, uintptr_t out_ptr, uintptr_t stream) {
   ncl::bindings::check_dtype(dtype);
   ncl::bindings::check_row_block(n, m, row_stride, s_ptr, out_ptr);
-  cudaError_t e;
-  {
-    py::gil_scoped_release no_gil;  // a launch can block when the stream's queue is full
-    e = ncl::cuda::row_lse_cuda(reinterpret_cast<const void*>(s_ptr), n, m, row_stride, dtype,
-                                static_cast<float>(scale), reinterpret_cast<const void*>(g_ptr),
-                                reinterpret_cast<void*>(out_ptr),
-                                reinterpret_cast<cudaStream_t>(stream));
+  launch_checked("row_lse_cuda", [&] {
+    return ncl::cuda::row_lse_cuda(cptr(s_ptr), n, m, row_stride, dtype, scale, cptr(g_ptr),
+                                   mptr(out_ptr), as_stream(stream));
+  });
+}
+
+int64_t col_lse_slabs(int64_t n, int64_t m, int dtype, int sm_count) {
+  ncl::bindings::check_dtype(dtype);
+  return ncl::cuda::col_lse_slabs(n, m, dtype, sm_count);
+}
+
+void col_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
+             uintptr_t f_ptr, uintptr_t out_ptr, uintptr_t work_ptr, int64_t n_slabs,
+             uintptr_t stream) {
+  ncl::bindings::check_dtype(dtype);
+  // the block is n x m, reduced into m outputs
+  ncl::bindings::check_row_block(n, m, row_stride, s_ptr, n > 0 ? 1 : 0);
+  if (m > 0) require(out_ptr, "out");
+  if (n_slabs < 1) throw py::value_error("n_slabs must be >= 1");
+  if (n_slabs > 1 && m > 0) require(work_ptr, "work (needed when n_slabs > 1)");
+  launch_checked("col_lse_cuda", [&] {
+    return ncl::cuda::col_lse_cuda(cptr(s_ptr), n, m, row_stride, dtype, scale, cptr(f_ptr),
+                                   mptr(out_ptr), mptr(work_ptr), n_slabs, as_stream(stream));
+  });
+}
+
+void ncl_grad(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
+              uintptr_t f_ptr, uintptr_t g_ptr, uintptr_t lse_row_ptr, uintptr_t lse_col_ptr,
+              uintptr_t coef_row_ptr, uintptr_t coef_col_ptr, uintptr_t y_ptr, uintptr_t z_ptr,
+              int64_t row_offset, uintptr_t out_ptr, int64_t out_row_stride, uintptr_t ds_ptr,
+              uintptr_t work_ptr, int64_t work_capacity, uintptr_t stream) {
+  ncl::bindings::check_dtype(dtype);
+  ncl::bindings::check_row_block(n, m, row_stride, s_ptr, n > 0 ? 1 : 0);
+  if (out_ptr != 0 && n > 1 && out_row_stride < m)
+    throw py::value_error("out_row_stride=" + std::to_string(out_row_stride) +
+                          " < m=" + std::to_string(m));
+  require(ds_ptr, "ds");
+  require(work_ptr, "work");
+  if (n > 0 && m > 0) {
+    require(f_ptr, "f");
+    require(g_ptr, "g");
+    require(lse_row_ptr, "lse_row");
+    require(lse_col_ptr, "lse_col");
+    require(coef_row_ptr, "coef_row");
+    require(coef_col_ptr, "coef_col");
+    require(y_ptr, "y");
+    require(z_ptr, "z");
+    if (work_capacity < ncl::cuda::ncl_grad_blocks(n, m))
+      throw py::value_error("work_capacity=" + std::to_string(work_capacity) +
+                            " < ncl_grad_blocks(n, m)=" +
+                            std::to_string(ncl::cuda::ncl_grad_blocks(n, m)));
   }
-  check(e, "row_lse_cuda");  // raised (RuntimeError) with the GIL held
+  const ncl::cuda::GradPtrs p{cptr(s_ptr), mptr(out_ptr), cptr(f_ptr), cptr(g_ptr),
+                              cptr(lse_row_ptr), cptr(lse_col_ptr), cptr(coef_row_ptr),
+                              cptr(coef_col_ptr), cptr<int64_t>(y_ptr), cptr<int64_t>(z_ptr),
+                              mptr(ds_ptr), mptr(work_ptr)};
+  launch_checked("ncl_grad_cuda", [&] {
+    return ncl::cuda::ncl_grad_cuda(p, n, m, row_stride, out_row_stride, dtype, scale,
+                                    row_offset, work_capacity, as_stream(stream));
+  });
+}
+
+void apply_biases(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype,
+                  double scale, uintptr_t f_ptr, uintptr_t g_ptr, uintptr_t stream) {
+  ncl::bindings::check_dtype(dtype);
+  ncl::bindings::check_row_block(n, m, row_stride, s_ptr, n > 0 ? 1 : 0);
+  launch_checked("apply_biases_cuda", [&] {
+    return ncl::cuda::apply_biases_cuda(mptr(s_ptr), n, m, row_stride, dtype, scale,
+                                        cptr(f_ptr), cptr(g_ptr), as_stream(stream));
+  });
 }
 
 int device_count() {
@@ -91,8 +174,40 @@ PYBIND11_MODULE(_C_cuda, mod) {
 
 Same arguments as _C_cpu.row_lse, but `stream` (a cudaStream_t as int, e.g.
 torch.cuda.current_stream().cuda_stream; 0 = default stream) instead of n_threads.
-`scale` is rounded to float32. Enqueues asynchronously; raises RuntimeError if the
-launch fails (no device, bad configuration). Releases the GIL.)doc");
+`scale` is rounded to the accumulator type (float; double for DTYPE_F64). Enqueues
+asynchronously; raises RuntimeError if the launch fails. Releases the GIL.)doc");
+
+  mod.def("col_lse_slabs", &col_lse_slabs, py::arg("n"), py::arg("m"), py::arg("dtype"),
+          py::arg("sm_count"),
+          "number of row slabs col_lse should split an n x m block into on a GPU with "
+          "sm_count multiprocessors (its work buffer then needs 2 * slabs * m values)");
+  mod.def("col_lse", &col_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
+          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
+          py::arg("out_ptr"), py::arg("work_ptr"), py::arg("n_slabs"), py::arg("stream"),
+          R"doc(out[j] = log sum_i exp(scale * S[i, j] + f[i]) on the GPU (m outputs).
+
+f_ptr: n accumulator values or 0 (f = 0). work_ptr: 2 * n_slabs * m accumulator values
+when n_slabs > 1 (else may be 0); n_slabs from col_lse_slabs. Deterministic.)doc");
+
+  mod.def("ncl_grad_blocks", &ncl::cuda::ncl_grad_blocks, py::arg("n"), py::arg("m"),
+          "length of ncl_grad's work buffer (accumulator values) for an n x m block");
+  mod.def("ncl_grad", &ncl_grad, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
+          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
+          py::arg("g_ptr"), py::arg("lse_row_ptr"), py::arg("lse_col_ptr"),
+          py::arg("coef_row_ptr"), py::arg("coef_col_ptr"), py::arg("y_ptr"), py::arg("z_ptr"),
+          py::arg("row_offset"), py::arg("out_ptr"), py::arg("out_row_stride"),
+          py::arg("ds_ptr"), py::arg("work_ptr"), py::arg("work_capacity"), py::arg("stream"),
+          R"doc(The NCL gradient pass (Backend.ncl_grad_): out = scale * G, *ds = sum G * S.
+
+Vectors f (n), g (m), lse_row (n), lse_col (m), coef_row (n), coef_col (m) and the scalar
+ds are accumulator values; y (n) and z (m) int64 targets. out_ptr: 0 (sum only), s_ptr (in
+place) or another block of S's dtype with row stride out_row_stride. work: ncl_grad_blocks
+(n, m) accumulator values. Deterministic (no atomics).)doc");
+
+  mod.def("apply_biases", &apply_biases, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
+          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
+          py::arg("g_ptr"), py::arg("stream"),
+          "S <- scale * S + f[:, None] + g[None, :] in place (f_ptr/g_ptr 0: zero)");
 
   mod.def("device_count", &device_count,
           "number of CUDA devices visible to this module; 0 (never an error) without GPU/driver");

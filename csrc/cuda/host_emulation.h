@@ -1,0 +1,158 @@
+// host_emulation.h — runs this directory's CUDA kernels on the CPU, for tests only.
+//
+// Force-included (g++ -include) ahead of the unchanged .cu sources when they are compiled
+// as C++ with -DNCL_HOST_EMULATION (tests/test_cuda_emulated.py). A launch runs every block
+// of the grid in turn; the threads of a block are fibers (ucontext) on one OS thread, and
+// __syncthreads() switches to the next fiber, so a block's threads advance from barrier
+// to barrier together, like on the GPU. What that checks on a machine without a GPU:
+// the indexing (which thread reads and writes which element, 64-bit offsets, vector and
+// tail paths, slab and tile bounds), the merge orders, the shared-memory protocol (a
+// barrier that not every thread of the block reaches is an error here) and the launch
+// shapes against the hardware limits (block size, gridDim.y <= 65535).
+//
+// What it cannot check: timing, memory-model races between warps that the barriers do not
+// order (use compute-sanitizer racecheck on a GPU: bench/sanitize_cuda.sh), or the
+// device's own exp/log and rounding (the host's libm stands in).
+#pragma once
+
+// Before the CUDA headers, which define __shared__ as nothing for a host compiler:
+// static locals are one copy per kernel instantiation, shared by the threads of the block
+// (blocks run one after the other).
+#define __shared__ static
+
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace ncl_emu {
+
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  dim3 tid;
+  bool done = false;
+};
+
+struct State {
+  ucontext_t main;
+  std::vector<Fiber> fibers;
+  int current = 0;
+  dim3 block_idx, grid_dim, block_dim;
+  std::function<void()> body;
+  uint64_t exchange[1024];  // __shfl_xor_sync slots, one per thread
+};
+
+inline State& state() {
+  static State s;
+  return s;
+}
+
+inline void fiber_main() {
+  State& s = state();
+  s.body();
+  s.fibers[s.current].done = true;  // then uc_link returns to the scheduler
+}
+
+inline void syncthreads() {
+  State& s = state();
+  swapcontext(&s.fibers[s.current].ctx, &s.main);
+}
+
+// Runs body() as every thread of every block of grid x block. Returns the error a GPU
+// launch of that shape would return, or throws std::logic_error on barrier divergence.
+inline cudaError_t launch(dim3 grid, dim3 block, std::function<void()> body) {
+  const int64_t threads = int64_t(block.x) * block.y * block.z;
+  if (threads < 1 || threads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
+      grid.y > 65535 || grid.z > 65535 || block.z > 64)
+    return cudaErrorInvalidConfiguration;
+  State& s = state();
+  s.body = std::move(body);
+  s.grid_dim = grid;
+  s.block_dim = block;
+  s.fibers.resize(size_t(threads));
+  for (auto& f : s.fibers) f.stack.resize(256 * 1024);
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        s.block_idx = dim3(bx, by, bz);
+        for (int64_t t = 0; t < threads; ++t) {
+          Fiber& f = s.fibers[size_t(t)];
+          f.done = false;
+          f.tid = dim3(unsigned(t % block.x), unsigned(t / block.x % block.y),
+                       unsigned(t / (int64_t(block.x) * block.y)));
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = &s.main;
+          makecontext(&f.ctx, fiber_main, 0);
+        }
+        // rounds: every live thread runs to its next barrier (or to its end)
+        for (;;) {
+          int finished = 0;
+          for (int64_t t = 0; t < threads; ++t) {
+            if (s.fibers[size_t(t)].done) {
+              ++finished;
+              continue;
+            }
+            s.current = int(t);
+            swapcontext(&s.main, &s.fibers[size_t(t)].ctx);
+            if (s.fibers[size_t(t)].done) ++finished;
+          }
+          if (finished == threads) break;
+          if (finished > 0)
+            throw std::logic_error("barrier divergence: " + std::to_string(threads - finished) +
+                                   " threads wait at a barrier that " +
+                                   std::to_string(finished) + " finished threads never reach");
+        }
+      }
+  return cudaSuccess;
+}
+
+inline const dim3& thread_idx() { return state().fibers[state().current].tid; }
+
+// A butterfly exchange among the 32 lanes of a warp. Emulated with two block-wide
+// barriers, which is right as long as every thread of the block makes the same sequence
+// of shuffles (true for this library's kernels; the divergence check catches the rest).
+template <typename T>
+T shfl_xor(unsigned mask, T v, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffle of at most 8 bytes");
+  if (mask != 0xffffffffu) throw std::logic_error("emulated shuffles need a full mask");
+  State& s = state();
+  const int t = s.current;
+  std::memcpy(&s.exchange[t], &v, sizeof v);
+  syncthreads();
+  T r;
+  std::memcpy(&r, &s.exchange[(t & ~31) | ((t & 31) ^ lane_mask)], sizeof r);
+  syncthreads();
+  return r;
+}
+
+}  // namespace ncl_emu
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+#define threadIdx (ncl_emu::thread_idx())
+#define blockIdx (ncl_emu::state().block_idx)
+#define gridDim (ncl_emu::state().grid_dim)
+#define blockDim (ncl_emu::state().block_dim)
+
+inline void __syncthreads() { ncl_emu::syncthreads(); }
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  return ncl_emu::shfl_xor(mask, v, lane_mask);
+}
+// Separately rounded products and sums (the host build uses -ffp-contract=off too).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
