@@ -45,6 +45,25 @@ def _finish(m, acc):
 
 
 @triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """``x`` (float32) rounded to nearest-even in ``dtype``, as PyTorch's ``.to`` rounds.
+
+    bfloat16 is rounded by hand on the bits (add half an ulp, ties to even, drop the low
+    16 bits), then cast exactly: Triton's interpreter truncates a float32 -> bfloat16 cast,
+    the GPU rounds; this way both give PyTorch's result and the lane tests the GPU's bits.
+    Inputs are finite or -inf (both survive: -inf's low bits are zero).
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    elif dtype == tl.float32:
+        return x
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def row_lse_kernel(S, G, OUT, N, M, stride_n, stride_m, scale,
                    HAS_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -103,8 +122,13 @@ def grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, is_y, is_z):
     line) contributes 0, never NaN.
     """
     L = x * scale
-    p_row = tl.where(lse_r == NEG_INF, 0.0, tl.exp((L + g) - lse_r))
-    p_col = tl.where(lse_c == NEG_INF, 0.0, tl.exp((L + f) - lse_c))
+    # Lanes outside the matrix carry f, g, lse = -inf (see the loads), so they give 0 too.
+    # Both sides of tl.where are evaluated: subtract a finite stand-in for a -inf LSE so
+    # that no inf - inf (NaN) or overflowing exp is formed even in the discarded side.
+    lse_r_ok = tl.where(lse_r == NEG_INF, 0.0, lse_r)
+    lse_c_ok = tl.where(lse_c == NEG_INF, 0.0, lse_c)
+    p_row = tl.exp(tl.where(lse_r == NEG_INF, NEG_INF, (L + g) - lse_r_ok))
+    p_col = tl.exp(tl.where(lse_c == NEG_INF, NEG_INF, (L + f) - lse_c_ok))
     G = cr * p_row + cc * p_col
     G = G - tl.where(is_y, cr, 0.0)
     G = G - tl.where(is_z, cc, 0.0)
@@ -125,23 +149,23 @@ def ncl_grad_kernel(S, OUT, DS, F, Gp, LSE_R, LSE_C, CR, CC, Y, Z, N, M,
     r64 = rows.to(tl.int64)[:, None]
     c64 = cols.to(tl.int64)[None, :]
     x = tl.load(S + r64 * stride_n + c64 * stride_m, mask=ok, other=0.0).to(tl.float32)
-    f = tl.load(F + rows, mask=row_ok, other=0.0)[:, None]
-    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)[:, None]
+    f = tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
+    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=NEG_INF)[:, None]
     cr = tl.load(CR + rows, mask=row_ok, other=0.0)[:, None]
     yt = tl.load(Y + rows, mask=row_ok, other=-1)[:, None]
-    g = tl.load(Gp + cols, mask=col_ok, other=0.0)[None, :]
-    lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)[None, :]
+    g = tl.load(Gp + cols, mask=col_ok, other=NEG_INF)[None, :]
+    lse_c = tl.load(LSE_C + cols, mask=col_ok, other=NEG_INF)[None, :]
     cc = tl.load(CC + cols, mask=col_ok, other=0.0)[None, :]
     zt = tl.load(Z + cols, mask=col_ok, other=-1)[None, :]
     G = grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, yt == cols[None, :],
                   zt == (rows[:, None] + row_offset))
     G = tl.where(ok, G, 0.0)
     # masked (-inf) scores do not depend on the scale: they add nothing to dscale
-    part = tl.sum(tl.sum(tl.where(x == NEG_INF, 0.0, G * x), axis=1), axis=0)
+    part = tl.sum(tl.sum(G * tl.where(x == NEG_INF, 0.0, x), axis=1), axis=0)
     tl.store(DS + pid_n * tl.num_programs(1) + pid_m, part)
     if WRITE:
         optr = OUT + r64 * out_stride_n + c64 * out_stride_m
-        tl.store(optr, (G * scale).to(OUT.dtype.element_ty), mask=ok)
+        tl.store(optr, round_to(G * scale, OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -161,4 +185,4 @@ def apply_biases_kernel(S, F, Gp, N, M, stride_n, stride_m, scale,
         x = x + tl.load(F + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_G:
         x = x + tl.load(Gp + cols, mask=col_ok, other=0.0)[None, :]
-    tl.store(ptr, x.to(S.dtype.element_ty), mask=ok)
+    tl.store(ptr, round_to(x, S.dtype.element_ty), mask=ok)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dense import _finish, _online_merge, grad_tile
+from .dense import _finish, _online_merge, grad_tile, round_to
 
 NEG_INF = float("-inf")
 
@@ -96,8 +96,8 @@ def grad_dx_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DX, DS, N, M, D,
     pid_d = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    f = tl.load(F + rows, mask=row_ok, other=0.0)[:, None]
-    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)[:, None]
+    f = tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
+    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=NEG_INF)[:, None]
     cr = tl.load(CR + rows, mask=row_ok, other=0.0)[:, None]
     yt = tl.load(YT + rows, mask=row_ok, other=-1)[:, None]
     dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -109,8 +109,8 @@ def grad_dx_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DX, DS, N, M, D,
         col_ok = cols < M
         x = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
                         UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
-        g = tl.load(Gp + cols, mask=col_ok, other=0.0)[None, :]
-        lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)[None, :]
+        g = tl.load(Gp + cols, mask=col_ok, other=NEG_INF)[None, :]
+        lse_c = tl.load(LSE_C + cols, mask=col_ok, other=NEG_INF)[None, :]
         cc = tl.load(CC + cols, mask=col_ok, other=0.0)[None, :]
         zt = tl.load(ZT + cols, mask=col_ok, other=-1)[None, :]
         Gt = grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, yt == cols[None, :],
@@ -125,7 +125,7 @@ def grad_dx_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DX, DS, N, M, D,
     tl.store(DS + pid_n * tl.num_programs(1) + pid_d, tl.sum(ds, axis=0))
     if WRITE:
         ptr = DX + rows.to(tl.int64)[:, None] * sdn + dcols.to(tl.int64)[None, :] * sdd
-        tl.store(ptr, (acc * scale).to(DX.dtype.element_ty),
+        tl.store(ptr, round_to(acc * scale, DX.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -141,8 +141,8 @@ def grad_dy_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DY, N, M, D,
     pid_d = tl.program_id(1)
     cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = cols < M
-    g = tl.load(Gp + cols, mask=col_ok, other=0.0)[None, :]
-    lse_c = tl.load(LSE_C + cols, mask=col_ok, other=0.0)[None, :]
+    g = tl.load(Gp + cols, mask=col_ok, other=NEG_INF)[None, :]
+    lse_c = tl.load(LSE_C + cols, mask=col_ok, other=NEG_INF)[None, :]
     cc = tl.load(CC + cols, mask=col_ok, other=0.0)[None, :]
     zt = tl.load(ZT + cols, mask=col_ok, other=-1)[None, :]
     dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
@@ -153,8 +153,8 @@ def grad_dy_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DY, N, M, D,
         row_ok = rows < N
         x = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
                         UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
-        f = tl.load(F + rows, mask=row_ok, other=0.0)[:, None]
-        lse_r = tl.load(LSE_R + rows, mask=row_ok, other=0.0)[:, None]
+        f = tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
+        lse_r = tl.load(LSE_R + rows, mask=row_ok, other=NEG_INF)[:, None]
         cr = tl.load(CR + rows, mask=row_ok, other=0.0)[:, None]
         yt = tl.load(YT + rows, mask=row_ok, other=-1)[:, None]
         Gt = grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, yt == cols[None, :],
@@ -164,4 +164,4 @@ def grad_dy_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DY, N, M, D,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(tl.trans(Gt), xo, acc, input_precision=GRAD_PRECISION)
     ptr = DY + cols.to(tl.int64)[:, None] * sdn + dcols.to(tl.int64)[None, :] * sdd
-    tl.store(ptr, (acc * scale).to(DY.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+    tl.store(ptr, round_to(acc * scale, DY.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
