@@ -107,6 +107,55 @@ def test_unusable_without_gpu_says_why():
         nk.sinkhorn(torch.randn(3, 4), backend="triton")
 
 
+def _sm90_cases():
+    """(kernel, pointer types, constexprs, num_warps, num_stages) as the launchers use them."""
+    from ncl_kernels.backends.triton import dense, streaming
+    cases = []
+    for dt in ("bf16", "fp16", "fp32"):
+        p = "*" + dt
+        vec = {k: "*fp32" for k in ("F", "Gp", "G", "LSE_R", "LSE_C", "CR", "CC", "DS", "OUT")}
+        vec.update({"Y": "*i64", "Z": "*i64", "YT": "*i64", "ZT": "*i64", "S": p, "X": p,
+                    "Yp": p, "DX": p, "DY": p})
+        if dt != "fp32":
+            vec["OUT"] = "*fp32"
+        cases += [
+            (dense.row_lse_kernel, vec, {"HAS_G": True, "BLOCK_N": 4, "BLOCK_M": 1024}, 8, 3),
+            (dense.col_lse_kernel, vec, {"HAS_F": True, "BLOCK_N": 32, "BLOCK_M": 128}, 4, 3),
+            (dense.ncl_grad_kernel, dict(vec, OUT=p),
+             {"WRITE": True, "BLOCK_N": 32, "BLOCK_M": 128}, 4, 3),
+            (dense.apply_biases_kernel, vec,
+             {"HAS_F": True, "HAS_G": True, "BLOCK_N": 32, "BLOCK_M": 128}, 4, 3),
+        ]
+        wide = dt == "fp32"
+        tile = {"PRECISION": "ieee", "UPCAST": False, "BLOCK_M": 64, "BLOCK_D": 32 if wide else 64}
+        cases.append((streaming.row_lse_xy_kernel, vec,
+                       dict(tile, HAS_G=True, BLOCK_N=64 if wide else 128), 4 if wide else 8, 3))
+        grad = dict(tile, GRAD_PRECISION="ieee", BLOCK_N=64, BLOCK_DO=128)
+        cases.append((streaming.grad_dx_kernel, vec, dict(grad, WRITE=True), 8, 2))
+        cases.append((streaming.grad_dy_kernel, vec, grad, 8, 2))
+    return cases
+
+
+@pytest.mark.skipif(INTERP, reason="needs the compiled (not interpreted) kernels")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    # The interpreter lane runs the kernels' arithmetic but not Triton's compiler: this
+    # lowers every kernel (every storage dtype, the launchers' block sizes) to an sm_90
+    # cubin with the ptxas Triton ships, so a kernel that only the GPU compiler rejects
+    # fails here, on CPU.
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    target = GPUTarget("cuda", 90, 32)
+    for fn, ptrs, consts, warps, stages in _sm90_cases():
+        sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "scale" else "i32")
+               for n in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                target=target, options={"num_warps": warps,
+                                                        "num_stages": stages,
+                                                        "enable_fp_fusion": False})
+        assert kernel.asm["cubin"], fn.__name__
+
+
 def test_report_under_the_interpreter(be):
     info = nk.backends()["triton"]
     assert info == {"built": True, "usable": True, "devices": "cpu", "why": ""}

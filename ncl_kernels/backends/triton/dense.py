@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
 
 @triton.jit
@@ -33,6 +33,15 @@ def _online_merge(m, acc, x):
     m_new = tl.maximum(m, tl.max(x, axis=1))
     shift = tl.where(m_new == NEG_INF, 0.0, m_new)
     acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return m_new, acc
+
+
+@triton.jit
+def _online_merge_cols(m, acc, x):
+    """``_online_merge`` down the columns of ``x``: no transpose (a shuffle on the GPU)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+    acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[None, :]), axis=0)
     return m_new, acc
 
 
@@ -89,8 +98,7 @@ def col_lse_kernel(S, F, OUT, N, M, stride_n, stride_m, scale, rows_per_split,
                    HAS_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Partial LSE over rows ``[split * rows_per_split, ...)`` of a block of columns.
 
-    The tile is walked transposed (columns are the reduced "rows" of the online merge) so
-    the merge helper is shared with ``row_lse_kernel``; loads stay contiguous along M.
+    Loads stay contiguous along M; the running state is one (max, sum) per column.
     """
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,7 +116,7 @@ def col_lse_kernel(S, F, OUT, N, M, stride_n, stride_m, scale, rows_per_split,
         x = tl.load(ptr, mask=ok, other=NEG_INF).to(tl.float32) * scale
         if HAS_F:
             x = x + tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
-        m, acc = _online_merge(m, acc, tl.trans(x))
+        m, acc = _online_merge_cols(m, acc, x)
     tl.store(OUT + split.to(tl.int64) * M + cols, _finish(m, acc), mask=col_ok)
 
 

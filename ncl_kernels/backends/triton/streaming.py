@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .dense import _finish, _online_merge, grad_tile, round_to
 
-NEG_INF = float("-inf")
+NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
 
 @triton.jit
