@@ -10,8 +10,9 @@ block (tests set 16 to force many masked tiles on small inputs); ``dot_precision
 
 Every launch passes ``enable_fp_fusion=False``: ``s * S + g`` then rounds twice, as in
 PyTorch and in the interpreter, so the logits of the LSE passes and of the gradient pass
-round identically and ``apply_biases_`` matches PyTorch bit for bit. The kernels are
-memory- or ``tl.dot``-bound; a fused multiply-add would not make them faster.
+round identically and ``apply_biases_`` matches PyTorch bit for bit. The elementwise work
+is small next to the memory traffic or the dots, so this should cost nothing (not yet
+measured on a GPU).
 
 Registers (ptxas -v for sm_90a, Triton 3.9, bfloat16, checked without a GPU): the
 gradient kernels at 64 x 64 tiles, ``BLOCK_DO`` = 128 and 8 warps do not spill with
