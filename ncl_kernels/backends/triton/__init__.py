@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import Optional, Tuple
 
 _import_error: Optional[str] = None
 
 
 def interpreting() -> bool:
-    """Whether Triton's interpreter is requested (the kernels then take CPU tensors)."""
+    """Whether the kernels run in Triton's interpreter (then they take CPU tensors).
+
+    ``triton.jit`` reads ``TRITON_INTERPRET`` when the kernels are defined, so once the
+    kernel module is imported its kernels decide; before that, the environment does.
+    """
+    dense = sys.modules.get(__name__ + ".dense")
+    if dense is not None:
+        return type(dense.row_lse_kernel).__name__ == "InterpretedFunction"
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
