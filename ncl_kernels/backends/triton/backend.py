@@ -54,6 +54,9 @@ class TritonBackend(TorchBackend):
     block_cap: Optional[int] = None
     #: ``tl.dot`` input_precision for float32 operands: "ieee" (default), "tf32x3", "tf32"
     dot_precision = "ieee"
+    #: output-D block of the gradient kernels: S is recomputed ceil(D / grad_block_do)
+    #: times per kernel; 256 halves that at D = 512 but spills a little (ptxas -v)
+    grad_block_do = 128
 
     def __init__(self):
         self._sm_count = {}
@@ -203,7 +206,7 @@ class TritonBackend(TorchBackend):
         wide = X.dtype == torch.float32
         block_n = block_m = self._cap(64)
         block_d = self._cap(min(32 if wide else 64, _pow2(D)))
-        block_do = self._cap(min(128, _pow2(D)))
+        block_do = self._cap(min(self.grad_block_do, _pow2(D)))
         d_blocks = triton.cdiv(D, block_do)
         vecs = tuple(_vec(v) for v in (f, g, lse_row, lse_col, coef_row, coef_col, y, z))
         dX = torch.empty_like(X, memory_format=torch.contiguous_format) if need_dx else None
