@@ -293,12 +293,16 @@ def test_strided_embeddings_and_masked_d(be, blocks, dtype):
     ys = y.detach().requires_grad_()
     loss = nk.ncl_loss_embeddings(xs, ys, 11.0, backend="triton")
     loss.backward()
-    xc, yc = x.contiguous().requires_grad_(), y.contiguous().requires_grad_()
-    loss_c = nk.ncl_loss_embeddings(xc, yc, 11.0, backend="torch")
-    loss_c.backward()
-    assert rel_err(loss, loss_c) < 1e-5
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert rel_err(xs.grad, xc.grad) < tol and rel_err(ys.grad, yc.grad) < tol
+    refs = []
+    for ref_dtype in (torch.float64, torch.float32):
+        leaf_dtype = torch.float64 if ref_dtype == torch.float64 else dtype
+        xr, yr = (t.detach().to(leaf_dtype).requires_grad_() for t in (x, y))
+        value = ref.ncl_loss_embeddings(xr, yr, 11.0, dtype=ref_dtype)
+        value.backward()
+        refs.append((value.detach(), xr.grad, yr.grad))
+    for name, ours, r64, r32 in zip(("loss", "dx", "dy"), (loss.detach(), xs.grad, ys.grad),
+                                    *refs):
+        assert_close(ours, r64, r32, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", LOW)
