@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Dict
 
 import torch
 
 from . import cpu as _cpu
 from . import cuda as _cuda
+from . import triton as _triton
 from .base import Backend
 from .torch import TorchBackend
 
@@ -28,9 +28,12 @@ _instances: Dict[str, Backend] = {}
 
 
 def _triton_status():
-    if importlib.util.find_spec("triton") is None:
-        return False, False, "triton is not installed (pip install 'ncl_kernels[triton]')"
-    return False, False, "the Triton kernels are not part of this version yet"
+    return _triton.status()
+
+
+def _devices(name: str):
+    # Triton's interpreter (TRITON_INTERPRET=1) runs the same kernels on CPU tensors
+    return _triton.devices() if name == "triton" else _DEVICES[name]
 
 
 def _status(name: str):
@@ -52,14 +55,14 @@ def backends() -> Dict[str, dict]:
     for name in NAMES:
         built, usable, why = _status(name)
         report[name] = {"built": built, "usable": usable,
-                        "devices": _DEVICES[name] or "any", "why": why}
+                        "devices": _devices(name) or "any", "why": why}
     return report
 
 
 def _instance(name: str) -> Backend:
     if name not in _instances:
         _instances[name] = {"torch": TorchBackend, "cpu": _cpu.CpuBackend,
-                            "cuda": _cuda.CudaBackend}[name]()
+                            "cuda": _cuda.CudaBackend, "triton": _triton.make_backend}[name]()
     return _instances[name]
 
 
@@ -73,7 +76,7 @@ def get(name: str, device: torch.device) -> Backend:
     built, usable, why = _status(name)
     if not usable:
         raise ValueError(f"backend {name!r} is not usable here: {why}")
-    wanted = _DEVICES[name]
+    wanted = _devices(name)
     if wanted is not None and device.type != wanted:
         raise ValueError(f"backend {name!r} runs on {wanted} tensors; got tensors on "
                          f"{device}")
