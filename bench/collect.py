@@ -9,11 +9,12 @@ Writes ``bench/results/<date>-<machine>.json`` (or ``--out``): a list of records
      "roof_ratio", "gpu", "date"}
 
 plus context fields (``ours``, ``machine``, ``time_ms_min``, ``rounds``, ``peak_mem_bytes``,
-``peak_mem_method``, ``bytes``, ``flops``, ``check``, ``note``, ``roofs``). ``time_ms`` is the
+``peak_mem_method``, ``bytes``, ``flops``, ``check``, ``note``, ``threads``, ``roofs``). ``time_ms`` is the
 median over the timed rounds; ``achieved`` is the op's counted work over that time.
-``--markdown`` prints one table per (op, shape, dtype): every implementation with its
-time, rate, roof ratio, and its time relative to the fastest of ours (``x ours``: above 1
-means slower than ours).
+``--markdown`` prints a summary (each peer's time over the fastest of ours, per op, shape
+and dtype: above 1 means the peer is slower), then one table per (op, shape, dtype):
+every implementation with its time, rate, roof ratio, time relative to the fastest of
+ours (``x ours``) and peak memory.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def records(data: dict) -> list:
             "peak_mem_method": info.get("peak_mem_method"), "bytes": info.get("bytes"),
             "flops": info.get("flops"), "roof_kind": info.get("roof_kind"),
             "check": info.get("check"), "note": info.get("note"), "size": info.get("size"),
-            "roofs": info.get("roofs"), "test": bench.get("fullname"),
+            "threads": info.get("threads"), "roofs": info.get("roofs"),
+            "test": bench.get("fullname"),
         })
     return out
 
@@ -70,12 +72,33 @@ def default_path(recs: list, directory: Path) -> Path:
     return path
 
 
+def summary(groups: dict) -> list:
+    """One row per (op, shape, dtype): the fastest of ours, then each peer's time over it."""
+    peers = sorted({r["backend"] for rows in groups.values() for r in rows if not r["ours"]})
+    lines = [("| op | shape | dtype | fastest ours | ms | of roof | "
+              + " | ".join(f"{p} (x)" for p in peers) + " |"),
+             "|---|---|---|---|---:|---:|" + "---:|" * len(peers)]
+    for (op, shape, dtype), rows in groups.items():
+        ours = [r for r in rows if r["ours"]]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["time_ms"])
+        cells = []
+        for p in peers:
+            hit = [r for r in rows if r["backend"] == p and not r["ours"]]
+            cells.append(f"{hit[0]['time_ms'] / best['time_ms']:.2f}" if hit else "")
+        lines.append(f"| `{op}` | {' x '.join(map(str, shape))} | {dtype} | "
+                     f"`{best['backend']}` | {best['time_ms']:.2f} | "
+                     f"{100 * best['roof_ratio']:.1f}% | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def markdown(recs: list) -> str:
-    """Tables: one per (op, shape, dtype), implementations sorted by time."""
+    """A summary (peer time / our time), then one table per (op, shape, dtype)."""
     groups: dict = {}
     for r in recs:
         groups.setdefault((r["op"], tuple(r["shape"]), r["dtype"]), []).append(r)
-    lines = []
+    lines = summary(groups)
     for (op, shape, dtype), rows in groups.items():
         ours = [r["time_ms"] for r in rows if r["ours"]]
         best = min(ours) if ours else None
