@@ -18,6 +18,7 @@ Environment:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import re
@@ -194,16 +195,48 @@ def _reset_rss_peak() -> bool:
         return False
 
 
+class _FreshPages:
+    """While active, glibc serves every allocation above 64 KiB with a fresh ``mmap``.
+
+    Without this, a buffer freed by an earlier case stays resident in the heap and a new
+    allocation reuses it without raising the RSS, so the RSS peak of a call would miss
+    most of its temporaries. On exit the threshold goes to glibc's largest dynamic value
+    (32 MiB), close to the steady state the timed rounds would reach anyway.
+    """
+
+    M_MMAP_THRESHOLD = -3
+
+    def __init__(self):
+        try:
+            libc = ctypes.CDLL(None)
+            self.mallopt, self.malloc_trim = libc.mallopt, libc.malloc_trim
+        except (OSError, AttributeError):  # not glibc: measure as is
+            self.mallopt = None
+
+    def __enter__(self):
+        if self.mallopt is not None:
+            self.mallopt(self.M_MMAP_THRESHOLD, 64 << 10)
+            # return the free heap now: a trim in the middle of the call would lower the
+            # RSS under the call's own growth and hide part of its peak
+            self.malloc_trim(0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.mallopt is not None:
+            self.mallopt(self.M_MMAP_THRESHOLD, 32 << 20)
+
+
 def peak_memory(fn: Callable[[], object]):
     """Run ``fn`` once; return ``(result, peak_bytes, method)``.
 
     CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before the call.
     CPU: torch's CPU allocator keeps no peak statistic and tracemalloc does not see it, so
     this measures the process RSS high-water mark (VmHWM, reset through
-    /proc/self/clear_refs) above the RSS before the call. That is a lower bound when the
-    C allocator reuses pages freed earlier, and it includes any caches the call fills.
-    Without clear_refs it falls back to a ``getrusage`` ru_maxrss delta, which is 0 unless
-    the call raises the process's all-time peak.
+    /proc/self/clear_refs) above the RSS before the call, with allocations above 64 KiB
+    forced onto fresh pages (:class:`_FreshPages`), so the number is the peak of the
+    call's live large buffers (plus any caches it fills; small allocations that reuse
+    freed heap are not seen). Without clear_refs: a ``getrusage`` ru_maxrss delta, which
+    is 0 unless the call raises the process's all-time peak.
     """
     if ON_GPU:
         sync()
@@ -213,11 +246,12 @@ def peak_memory(fn: Callable[[], object]):
         sync()
         return out, torch.cuda.max_memory_allocated(DEVICE) - base, "cuda_max_allocated"
     if _reset_rss_peak():
-        base = _status_kib("VmRSS")
-        out = fn()
-        peak = _status_kib("VmHWM")
+        with _FreshPages():
+            base = _status_kib("VmRSS")
+            out = fn()
+            peak = _status_kib("VmHWM")
         if base is not None and peak is not None:
-            return out, max(0, peak - base) * 1024, "rss_hwm_delta"
+            return out, max(0, peak - base) * 1024, "rss_hwm_delta_fresh_pages"
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = fn()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -101,13 +101,13 @@ def _check_ranks(got, expected):
     return f"{differ} of {expected.numel()} ranks differ (near-ties in float32)"
 
 
-@pytest.mark.parametrize("impl", ["ncl_kernels", "dense"])
+@pytest.mark.parametrize("impl", ["default", "dense"])
 def test_ranks(benchmark, roofs, queries_gallery, impl):
     dtype, queries, gallery, targets, expected = queries_gallery
     if impl == "dense":
         fn = lambda: peers.ranks_dense(queries, gallery, targets, SCALE)
     else:
         fn = lambda: retrieval.ranks(queries, gallery, targets, SCALE)
-    run_case(benchmark, roofs, op="ranks", backend=impl, ours=impl == "ncl_kernels", fn=fn,
+    run_case(benchmark, roofs, op="ranks", backend=impl, ours=impl == "default", fn=fn,
              check=lambda got: _check_ranks(got, expected), shape=(Q, M, D), dtype=dtype,
              flops=2.0 * Q * M * D, roof="matmul", note="no bias, one target per query")
