@@ -1,93 +1,196 @@
-"""One Sinkhorn iteration (a row and a column pass) on an N x N float32 matrix.
+"""Sinkhorn end to end: dense (``sinkhorn``) and streaming (``sinkhorn_embeddings``).
 
-Ours (every usable CPU backend) against what a user would write instead: the eager
-two-``logsumexp`` loop and POT's ``sinkhorn_log``. Each case is checked against the
-float64 oracle before it is timed. Floor: two reads of S at the measured read bandwidth.
+A fixed number of iterations (``tol=None``: no host synchronization per iteration), the
+same for every implementation, all starting from ``g = 0`` with the row update first, so
+potentials compare entry by entry. Work counted: dense, 2 reads of S per iteration (one
+row and one column pass; GB/s against the read roof); streaming, 2 products of
+``2 N M D`` flops per iteration (TFLOP/s against the matmul roof).
+
+Peers: the eager two-``logsumexp`` loop, ``torch.compile`` of it, POT ``sinkhorn_log``
+(dense; CPU float32 through POT's torch backend), pykeops LazyTensor ``logsumexp``
+(streaming) and flash-sinkhorn (streaming, CUDA only).
 """
 
+import peers
 import pytest
 import torch
+from harness import (
+    DEVICE,
+    DTYPES,
+    ON_GPU,
+    ORACLE_MAX_ELEMS,
+    SCALE,
+    SIZE,
+    STREAM_DTYPES,
+    expect_close,
+    ours_backends,
+    run_case,
+)
 
 import ncl_kernels as nk
 import python_ref as ref
-from conftest import DENSE_N, record
 
-N = DENSE_N
-SCALE = 10.0
-
-
-@pytest.fixture(scope="module")
-def scores():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.nn.functional.normalize(torch.randn(N, 64, generator=gen), dim=1)
-    y = torch.nn.functional.normalize(torch.randn(N, 64, generator=gen), dim=1)
-    return x @ y.T
+N = SIZE.dense
+NS, D = SIZE.stream, SIZE.dim
+ITERS = 10
+ORACLE = N * N <= ORACLE_MAX_ELEMS
+ORACLE_S = NS * NS <= ORACLE_MAX_ELEMS
+DENSE_PEERS = ["eager", "compile", "pot"]
+STREAM_PEERS = ["eager", "compile", "keops", "flash-sinkhorn"]
 
 
-@pytest.fixture(scope="module")
-def expected(scores):
-    return ref.sinkhorn(scores, SCALE, n_iters=1, tol=None)
+def _unit(n, d, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
 
 
-def eager_iteration(S, scale):
-    """The obvious PyTorch loop: f = log r - LSE_row(g), g = log c - LSE_col(f)."""
-    L = scale * S
-    g = torch.zeros(S.shape[1])
-    f = -torch.logsumexp(L + g, 1)
-    g = torch.log(torch.tensor(S.shape[0] / S.shape[1])) - torch.logsumexp(L + f[:, None], 0)
-    return f, g
+@pytest.fixture(scope="module", params=DTYPES, ids=lambda d: str(d)[6:])
+def dense(request):
+    dtype = request.param
+    # the product on the device: at GPU sizes the CPU would take seconds
+    S = (_unit(N, 64, 0, torch.float32).to(DEVICE) @ _unit(N, 64, 1, torch.float32).to(DEVICE).T)
+    S = S.to(dtype)
+    if ORACLE:
+        expected = ref.sinkhorn(S, SCALE, n_iters=ITERS, tol=None)
+    else:
+        expected = peers.sinkhorn_eager(S, SCALE, ITERS)
+    return dtype, S, expected
 
 
-def _check(f, g, expected):
-    assert (f.double() - expected.f).abs().max() < 1e-4
-    assert (g.double() - expected.g).abs().max() < 1e-4
+@pytest.fixture(scope="module", params=STREAM_DTYPES, ids=lambda d: str(d)[6:])
+def stream(request):
+    dtype = request.param
+    x, y = _unit(NS, D, 2, dtype).to(DEVICE), _unit(NS, D, 3, dtype).to(DEVICE)
+    if ORACLE_S:
+        expected = ref.sinkhorn_embeddings(x, y, SCALE, n_iters=ITERS, tol=None)
+    else:
+        expected = peers.sinkhorn_embeddings_eager(x, y, SCALE, ITERS)
+    return dtype, x, y, expected
 
 
-@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if nk.backends()[b]["usable"]])
-def test_ncl_kernels(benchmark, scores, expected, read_bandwidth, backend):
-    run = lambda: nk.sinkhorn(scores, SCALE, n_iters=1, tol=None, backend=backend)  # noqa: E731
-    out = run()
-    _check(out.f, out.g, expected)
-    benchmark(run)
-    # one iteration = 1 start row pass + 1 column pass + 1 closing row pass (the closing
-    # pass also serves the next iteration, so the steady state is 2 passes)
-    record(benchmark, bytes_moved=3 * scores.numel() * 4, roof=read_bandwidth, shape=[N, N])
+def _fg(expected):
+    return (expected.f, expected.g) if hasattr(expected, "f") else expected
 
 
-def test_eager_logsumexp(benchmark, scores, expected, read_bandwidth):
-    f, g = eager_iteration(scores, SCALE)
-    _check(f, g, expected)
-    benchmark(eager_iteration, scores, SCALE)
-    record(benchmark, bytes_moved=2 * scores.numel() * 4, roof=read_bandwidth, shape=[N, N])
+def _check_fg(out, expected, dtype, oracle):
+    f, g = out
+    ef, eg = _fg(expected)
+    return expect_close("f", f, ef, dtype, oracle) + "; " + expect_close("g", g, eg, dtype,
+                                                                          oracle)
 
 
-@pytest.mark.filterwarnings("ignore:Sinkhorn did not converge")
-def test_pot_sinkhorn_log(benchmark, scores, expected, read_bandwidth):
-    ot = pytest.importorskip("ot")
-    a = torch.ones(N, dtype=torch.float64)
-    b = torch.ones(N, dtype=torch.float64)
-    cost = -scores.double()
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("impl", ours_backends() + DENSE_PEERS)
+def test_sinkhorn_dense(benchmark, roofs, dense, impl):
+    dtype, S, expected = dense
+    check = lambda out: _check_fg(out, expected, dtype, ORACLE)
+    if impl == "eager":
+        fn = lambda: peers.sinkhorn_eager(S, SCALE, ITERS)
+    elif impl == "compile":
+        fn = lambda: peers.sinkhorn_compiled(S, SCALE, ITERS)
+        fn()  # compile outside the timing
+    elif impl == "pot":
+        pytest.importorskip("ot", reason="POT is not installed (pip install pot)")
+        fn = lambda: peers.sinkhorn_pot(S, SCALE, ITERS)
+        # POT's (log_u, log_v) follow our iteration on S.T with the masses swapped
+        if ORACLE:
+            M = S.shape[1]
+            expected_t = ref.sinkhorn(S.T, SCALE, n_iters=ITERS, tol=None,
+                                      row_mass=torch.full((M,), N / M, dtype=torch.float64,
+                                                          device=DEVICE),
+                                      col_mass=torch.ones(N, dtype=torch.float64,
+                                                          device=DEVICE))
+            exp_u, exp_v = expected_t.g, expected_t.f
+        else:
+            exp_v, exp_u = peers.sinkhorn_eager(S.T, SCALE, ITERS)
+        check = lambda out: (expect_close("log_u", out[0], exp_u, dtype, ORACLE) + "; "
+                             + expect_close("log_v", out[1], exp_v, dtype, ORACLE))
+    else:
+        def fn():
+            res = nk.sinkhorn(S, SCALE, n_iters=ITERS, tol=None, backend=impl)
+            return res.f, res.g
+    run_case(benchmark, roofs, op="sinkhorn", backend=impl, ours=impl not in DENSE_PEERS,
+             fn=fn, check=check, shape=S.shape, dtype=dtype,
+             bytes_moved=2 * ITERS * S.numel() * S.element_size(), roof="read",
+             note=f"{ITERS} iterations, tol=None")
 
-    def run():
-        return ot.sinkhorn(a, b, cost, 1.0 / SCALE, method="sinkhorn_log", numItermax=1,
-                           stopThr=0.0, log=True)[1]
 
-    log = run()
-    # POT updates the column potential first and the row one last, so after its
-    # iteration the rows are exact: check that coupling rather than the potentials.
-    P = torch.exp((log["log_u"][:, None] + log["log_v"][None, :]) - cost * SCALE)
-    assert torch.allclose(P.sum(1), a, atol=1e-6)
-    benchmark(run)
-    record(benchmark, bytes_moved=2 * scores.numel() * 4, roof=read_bandwidth, shape=[N, N])
+@pytest.mark.parametrize("impl", ours_backends() + STREAM_PEERS)
+def test_sinkhorn_embeddings(benchmark, roofs, stream, impl):
+    dtype, x, y, expected = stream
+    check = lambda out: _check_fg(out, expected, dtype, ORACLE_S)
+    if impl == "eager":
+        fn = lambda: peers.sinkhorn_embeddings_eager(x, y, SCALE, ITERS)
+    elif impl == "compile":
+        compiled = torch.compile(peers.sinkhorn_embeddings_eager, dynamic=False)
+        fn = lambda: compiled(x, y, SCALE, ITERS)
+        fn()  # compile outside the timing
+    elif impl == "keops":
+        keops = _keops_or_skip(x, y)
+        fn = lambda: keops(ITERS)
+    elif impl == "flash-sinkhorn":
+        fn, check = _flash_sinkhorn_case(x, y, expected, dtype)
+    else:
+        def fn():
+            res = nk.sinkhorn_embeddings(x, y, SCALE, n_iters=ITERS, tol=None, backend=impl)
+            return res.f, res.g
+    run_case(benchmark, roofs, op="sinkhorn_embeddings", backend=impl,
+             ours=impl not in STREAM_PEERS, fn=fn, check=check, shape=(NS, NS, D),
+             dtype=dtype, flops=2 * ITERS * 2.0 * NS * NS * D, roof="matmul",
+             note=f"{ITERS} iterations, tol=None")
 
 
-@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if nk.backends()[b]["usable"]])
-def test_row_pass_primitive(benchmark, scores, read_bandwidth, backend):
-    """The row LSE primitive alone: one read of S."""
-    from ncl_kernels.backends import get
-    be = get(backend, scores.device)
-    g = torch.randn(N)
-    out = be.row_lse(scores, SCALE, g)
-    torch.testing.assert_close(out.double(), ref.row_lse(scores, SCALE, g), rtol=1e-6, atol=0)
-    benchmark(be.row_lse, scores, SCALE, g)
-    record(benchmark, bytes_moved=scores.numel() * 4, roof=read_bandwidth, shape=[N, N])
+def _keops_or_skip(x, y):
+    try:
+        keops = peers.KeOpsSinkhorn(x, y, SCALE)
+        keops(1)  # the first call compiles the formulas with the host compiler
+    except ImportError as exc:
+        pytest.skip(f"pykeops is not installed: {exc}")
+    except Exception as exc:  # noqa: BLE001 (a KeOps build or CUDA setup problem, not ours)
+        pytest.skip(f"pykeops could not build its formulas here: {type(exc).__name__}: "
+                    f"{str(exc)[:200]}")
+    return keops
+
+
+def _flash_sinkhorn_case(x, y, expected, dtype):
+    """flash-sinkhorn's alternating (Gauss-Seidel) solver on the same transport problem.
+
+    Its cost is ``C_ij = |x_i|^2 + |y_j|^2 - 2 <x_i, y_j>`` and with ``eps = 2 / scale``
+    its logits ``-C / eps`` are ours plus a row and a column term. With probability
+    weights ``a = r / N``, ``b = c / N`` and its OTT convention (``P = exp((f + g - C) /
+    eps)``) its iterates map onto ours exactly (substitute into one row and one column
+    update): ``f_ours = (f - |x|^2) / eps + log N - 1 / eps`` and ``g_ours = (g - |y|^2) /
+    eps + 1 / eps``. It starts from ``g = 0``, i.e. ours from ``init_g = (1 - |y|^2) / eps``
+    (zero for exactly unit vectors, not quite after bfloat16 rounding), row update first,
+    so the check compares with ours (backend ``torch``, itself checked against the oracle
+    in its own case) from that start. TF32 off, as in ours. Read from flash-sinkhorn
+    0.4.1's source (``sinkhorn_solvers.sinkhorn_flashstyle_alternating``); not yet run on
+    a GPU by this project.
+    """
+    import math
+
+    if not ON_GPU:
+        pytest.skip("flash-sinkhorn runs on CUDA only (Triton kernels)")
+    try:
+        from flash_sinkhorn.sinkhorn_solvers import sinkhorn_flashstyle_alternating
+    except ImportError as exc:
+        pytest.skip(f"flash-sinkhorn is not installed (pip install flash-sinkhorn): {exc}")
+    eps = 2.0 / SCALE
+    n, m = x.shape[0], y.shape[0]
+    xf, yf = x.float(), y.float()
+    x2, y2 = (xf * xf).sum(1), (yf * yf).sum(1)
+    a = torch.full((n,), 1.0 / n, device=x.device)
+    b = torch.full((m,), 1.0 / m, device=x.device)  # c / N = (N / M) / N
+    start = nk.sinkhorn_embeddings(x, y, SCALE, n_iters=ITERS, tol=None,
+                                   init_g=(1.0 - y2) / eps, backend="torch")
+
+    def fn():
+        f, g = sinkhorn_flashstyle_alternating(xf, yf, a, b, eps=eps, n_iters=ITERS,
+                                               allow_tf32=False, ott_convention=True)
+        return ((f - x2) / eps + (math.log(n) - 1.0 / eps),
+                (g - y2) / eps + 1.0 / eps)
+
+    def check(out):
+        return _check_fg(out, (start.f, start.g), dtype, False).replace("peer", "ours")
+
+    return fn, check
