@@ -50,6 +50,18 @@ from test_loss import (  # noqa: E402,F401
     test_upstream_gradient_is_applied,
     test_zero_iterations_is_clip,
 )
+from test_numerics import (  # noqa: E402,F401
+    test_a_fully_masked_row_without_mass_is_solved,
+    test_a_target_on_a_masked_score_is_refused,
+    test_not_converging_warns_and_reports_the_error,
+    test_results_are_bitwise_repeatable,
+)
+from test_properties import (  # noqa: E402,F401
+    test_loss_with_zero_iterations_is_clip as test_property_zero_iterations_is_clip,
+    test_permuting_rows_and_columns_permutes_the_potentials,
+    test_shifting_one_row_shifts_only_its_potential,
+    test_streaming_equals_dense as test_property_streaming_equals_dense,
+)
 from test_sinkhorn import (  # noqa: E402,F401
     test_cosine_scores_extreme_scales_stay_finite as test_sinkhorn_extreme_scales,
     test_embeddings_match_oracle_and_dense as test_sinkhorn_embeddings_match_oracle,
@@ -92,7 +104,7 @@ def test_interpreter_lane():
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
          "tests/test_triton.py"],
         capture_output=True, text=True, cwd=str(ROOT), timeout=900,
-        env=child_env(TRITON_INTERPRET="1"))
+        env=child_env(TRITON_INTERPRET="1", NCL_PROPERTY_EXAMPLES="6"))
     tail = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, tail
     assert " passed" in done.stdout and "failed" not in done.stdout, tail
