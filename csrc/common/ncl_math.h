@@ -12,6 +12,12 @@
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
 #define NCL_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// always_inline on the host: the CPU backend compiles its kernels several times with
+// different -m flags (csrc/cpu/kernels_*.cpp). An out-of-line copy of a helper would be
+// merged by the linker across those translation units, so the portable kernels could end
+// up calling an AVX-512 copy; inlining every call keeps each kernel to its own ISA.
+#define NCL_HD inline __attribute__((always_inline))
 #else
 #define NCL_HD inline
 #endif
@@ -67,6 +73,85 @@ NCL_HD float to_float(f16_t x) {
   // normal: rebias the exponent (15 -> 127) and widen the mantissa (10 -> 23 bits)
   return bits_as_float(sign | ((expo + 112u) << 23) | (mant << 13));
 #endif
+}
+
+NCL_HD uint32_t float_as_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+// float32 -> bf16, round to nearest even (as torch rounds); NaN stays a (quiet) NaN.
+NCL_HD bf16_t to_bf16(float f) {
+  const uint32_t u = float_as_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};
+  return bf16_t{uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+// float32 -> fp16, round to nearest even, subnormals and overflow to inf included
+// (the branch-free float-arithmetic method of the FP16 library by M. Dukhan). It needs
+// IEEE float arithmetic without contraction into FMA, which both builds guarantee
+// (-ffp-contract=off on the CPU; on the device __float2half_rn is used instead).
+NCL_HD f16_t to_f16(float f) {
+#ifdef __CUDA_ARCH__
+  return f16_t{__half_as_ushort(__float2half_rn(f))};
+#else
+  const float scale_to_inf = 5.192296858534828e+33f;   // 2^112
+  const float scale_to_zero = 7.703719777548943e-34f;  // 2^-110
+  const float a = f < 0.0f ? -f : f;
+  float base = (a * scale_to_inf) * scale_to_zero;
+  const uint32_t w = float_as_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xff000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_as_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_as_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007c00u) + (bits & 0x00000fffu);
+  return f16_t{uint16_t((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign))};
+#endif
+}
+
+// Write an accumulator value into storage, rounded once.
+NCL_HD void store_acc(float v, float* p) { *p = v; }
+NCL_HD void store_acc(double v, double* p) { *p = v; }
+NCL_HD void store_acc(float v, bf16_t* p) { *p = to_bf16(v); }
+NCL_HD void store_acc(float v, f16_t* p) { *p = to_f16(v); }
+
+// exp(x) for float, branch-free so that loops over it vectorize (the CPU kernels rely on
+// this: one portable source becomes SSE2, AVX2 or AVX-512 code by compiler flags alone;
+// no -ffast-math, which would assume away the -inf masks).
+//
+// Cody-Waite reduction x = k ln2 + r (|r| <= ln2/2) and the Cephes degree-7 polynomial
+// for exp(r): within 2 ulp of expf over the normal range. Rules that matter to callers:
+// x < -104 (including -inf) gives exactly 0 (exp(-104) is below half the smallest
+// subnormal); results in the subnormal range are rounded once; x > 88.7 saturates at
+// exp(88.7) ~ 3.3e38 instead of inf; NaN gives NaN (the comparisons below keep it).
+NCL_HD float exp_poly(float x) {
+  float xc = x < -104.0f ? -104.0f : x;  // NaN compares false and passes through
+  xc = xc > 88.7f ? 88.7f : xc;
+  // k = round(x / ln2) by the 1.5 * 2^23 trick (valid for |k| < 2^22, round-to-nearest)
+  const float magic = 12582912.0f;
+  const float k = (xc * 1.44269504088896341f + magic) - magic;
+  const float r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;  // k * 0.693359375 is exact
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^k as two normal powers of two (k reaches -150, below the normal exponent range), so
+  // a subnormal result is rounded only by the last multiplication
+  const int32_t ki = int32_t(k);
+  const int32_t k1 = ki >> 1, k2 = ki - k1;
+  const float e = p * bits_as_float(uint32_t(k1 + 127) << 23) *
+                  bits_as_float(uint32_t(k2 + 127) << 23);
+  return x < -104.0f ? 0.0f : e;
 }
 
 NCL_HD float to_float(float x) { return x; }
