@@ -86,18 +86,7 @@ T* scratch(int64_t count) {
 }
 
 // ---------------------------------------------------------------- load / store blocks
-// dst[k] = scale * S[k] in accumulator precision.
-template <typename A>
-inline void load_scaled(const A* src, int64_t len, A scale, A* dst) {
-#pragma omp simd
-  for (int64_t k = 0; k < len; ++k) dst[k] = scale * src[k];
-}
-
-inline void load_scaled(const bf16_t* src, int64_t len, float scale, float* dst) {
-#pragma omp simd
-  for (int64_t k = 0; k < len; ++k) dst[k] = scale * to_float(src[k]);
-}
-
+// dst[k] = S[k] as accumulator values.
 inline void load_raw(const float* src, int64_t len, float* dst) {
 #pragma omp simd
   for (int64_t k = 0; k < len; ++k) dst[k] = src[k];
@@ -120,10 +109,41 @@ inline void load_raw(const f16_t* src, int64_t len, float* dst) {
   for (; k < len; ++k) dst[k] = to_float(src[k]);
 }
 
-inline void load_scaled(const f16_t* src, int64_t len, float scale, float* dst) {
-  load_raw(src, len, dst);
-#pragma omp simd
-  for (int64_t k = 0; k < len; ++k) dst[k] *= scale;
+// The block as accumulator values: storage that already is the accumulator type is read
+// in place; bf16/fp16 are converted into `buf`.
+template <typename A>
+inline const A* as_acc(const A* src, int64_t, A*) { return src; }
+inline const float* as_acc(const bf16_t* src, int64_t len, float* buf) {
+  load_raw(src, len, buf);
+  return buf;
+}
+inline const float* as_acc(const f16_t* src, int64_t len, float* buf) {
+  load_raw(src, len, buf);
+  return buf;
+}
+
+// out[k] = scale * x[k] + add_vec[k] (or + add), one fused sweep that also returns the max
+// (a NaN never wins it). x may be out. The rounding order (scale * S, then + the potential)
+// is the PyTorch backend's and the reference's.
+template <typename A>
+inline A logits_max(const A* x, int64_t len, A scale, const A* add_vec, A add, A* out) {
+  A mx = kNegInf<A>;
+  if (add_vec) {
+#pragma omp simd reduction(max : mx)
+    for (int64_t k = 0; k < len; ++k) {
+      const A v = scale * x[k] + add_vec[k];
+      out[k] = v;
+      mx = v > mx ? v : mx;
+    }
+  } else {
+#pragma omp simd reduction(max : mx)
+    for (int64_t k = 0; k < len; ++k) {
+      const A v = scale * x[k] + add;
+      out[k] = v;
+      mx = v > mx ? v : mx;
+    }
+  }
+  return mx;
 }
 
 // Round an accumulator block into storage.
@@ -151,14 +171,6 @@ inline void store_block(const float* src, int64_t len, f16_t* dst) {
 }
 
 // ---------------------------------------------------------------- block reductions
-template <typename A>
-inline A block_max(const A* x, int64_t len) {
-  A m = kNegInf<A>;
-#pragma omp simd reduction(max : m)
-  for (int64_t k = 0; k < len; ++k) m = x[k] > m ? x[k] : m;  // a NaN never wins
-  return m;
-}
-
 template <typename A>
 inline bool block_has_nan(const A* x, int64_t len) {
   for (int64_t k = 0; k < len; ++k)
@@ -193,13 +205,8 @@ LseState<A> row_lse_one(const St* row, int64_t m, A scale, const A* g, A* buf) {
   LseState<A> state;
   for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
     const int64_t len = m - j0 < kBlock ? m - j0 : kBlock;
-    load_scaled(row + j0, len, scale, buf);
-    if (g) {
-      const A* gb = g + j0;
-#pragma omp simd
-      for (int64_t k = 0; k < len; ++k) buf[k] += gb[k];
-    }
-    const A bmax = block_max(buf, len);
+    const A bmax = logits_max(as_acc(row + j0, len, buf), len, scale, g ? g + j0 : nullptr,
+                              A(0), buf);
     // A fully masked block adds nothing; skipping it keeps (-inf) - (-inf) out of exp.
     // The max ignores NaN, so look for one first: a NaN input gives a NaN result.
     if (bmax == kNegInf<A>) {
@@ -249,14 +256,14 @@ void col_lse_task(const St* S, int64_t rs, int64_t i0, int64_t i1, int64_t j0, i
     for (int64_t k = 0; k < len; ++k) tmax[k] = kNegInf<A>;
     for (int64_t r = 0; r < rows; ++r) {
       A* t = tile + r * kColBlock;
-      load_scaled(S + (ii + r) * rs + j0, len, scale, t);
-      if (f) {
-        const A fi = f[ii + r];
+      const A fi = f ? f[ii + r] : A(0);
+      const A* x = as_acc(S + (ii + r) * rs + j0, len, t);
 #pragma omp simd
-        for (int64_t k = 0; k < len; ++k) t[k] += fi;
+      for (int64_t k = 0; k < len; ++k) {
+        const A v = scale * x[k] + fi;
+        t[k] = v;
+        tmax[k] = v > tmax[k] ? v : tmax[k];
       }
-#pragma omp simd
-      for (int64_t k = 0; k < len; ++k) tmax[k] = t[k] > tmax[k] ? t[k] : tmax[k];
     }
 #pragma omp simd
     for (int64_t k = 0; k < len; ++k) {
@@ -364,7 +371,7 @@ void grad_typed(const GradArgs& a) {
   const int nt = threads_for(a.n_threads, n * m);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    alignas(64) A sv[kBlock];
+    alignas(64) A sbuf[kBlock];
     alignas(64) A gv[kBlock];
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n; ++i) {
@@ -376,7 +383,9 @@ void grad_typed(const GradArgs& a) {
       double ds = 0.0;
       for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
         const int64_t len = m - j0 < kBlock ? m - j0 : kBlock;
-        load_raw(row + j0, len, sv);  // read before `out` (maybe S itself) is written
+        // every element of the block is read (two sweeps below) before `out`, which may be
+        // S itself, is written (the last sweep)
+        const A* sv = as_acc(row + j0, len, sbuf);
         const A* gb = g + j0;
         const A* hb = h + j0;
         const A* cb = coef_col + j0;
@@ -425,16 +434,15 @@ void apply_biases_typed(void* S, int64_t n, int64_t m, int64_t rs, double scale,
       const A fi = fp ? fp[i] : A(0);
       for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
         const int64_t len = m - j0 < kBlock ? m - j0 : kBlock;
-        load_scaled(row + j0, len, sc, buf);
+        const A* x = as_acc(row + j0, len, buf);
         // same rounding order as the PyTorch backend: (s * S + f_i) + g_j
-        if (fp) {
-#pragma omp simd
-          for (int64_t k = 0; k < len; ++k) buf[k] += fi;
-        }
         if (gp) {
           const A* gb = gp + j0;
 #pragma omp simd
-          for (int64_t k = 0; k < len; ++k) buf[k] += gb[k];
+          for (int64_t k = 0; k < len; ++k) buf[k] = (sc * x[k] + fi) + gb[k];
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) buf[k] = sc * x[k] + fi;
         }
         store_block(buf, len, row + j0);
       }
