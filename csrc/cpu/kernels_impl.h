@@ -435,14 +435,21 @@ void apply_biases_typed(void* S, int64_t n, int64_t m, int64_t rs, double scale,
       for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
         const int64_t len = m - j0 < kBlock ? m - j0 : kBlock;
         const A* x = as_acc(row + j0, len, buf);
-        // same rounding order as the PyTorch backend: (s * S + f_i) + g_j
-        if (gp) {
-          const A* gb = gp + j0;
+        // same operations in the same order as the PyTorch backend: (s * S + f_i) + g_j,
+        // with an absent potential not added at all (adding 0 would turn -0 into +0)
+        const A* gb = gp ? gp + j0 : nullptr;
+        if (fp && gb) {
 #pragma omp simd
           for (int64_t k = 0; k < len; ++k) buf[k] = (sc * x[k] + fi) + gb[k];
-        } else {
+        } else if (fp) {
 #pragma omp simd
           for (int64_t k = 0; k < len; ++k) buf[k] = sc * x[k] + fi;
+        } else if (gb) {
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) buf[k] = sc * x[k] + gb[k];
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < len; ++k) buf[k] = sc * x[k];
         }
         store_block(buf, len, row + j0);
       }
