@@ -224,4 +224,21 @@ NCL_HD T ncl_grad_elem(T l, T f_i, T g_j, T lse_row_i, T lse_col_j, bool j_is_y_
   return crow * (p_row - (j_is_y_i ? T(1) : T(0))) + ccol * (p_col - (i_is_z_j ? T(1) : T(0)));
 }
 
+// The same gradient element in the form the CPU kernels vectorize (no branch per
+// element): the LSEs come negated, with -LSE = -inf standing for exp_diff's rule (an LSE of
+// -inf means probability 0), see neg_lse. Then exp_fn((l + g_j) + nlse_row_i) equals
+// exp_diff(l + g_j, lse_row_i) exactly: a - b and a + (-b) round alike. The indicator terms
+// (- crow [j = y_i] - ccol [i = z_j]) are left to the caller, which knows where they fall.
+// exp_fn: the exp to use (ncl_exp, or the CPU's exp_poly).
+template <typename T>
+NCL_HD T neg_lse(T lse) {
+  return lse == neg_inf<T>() ? neg_inf<T>() : -lse;
+}
+
+template <typename T, typename ExpFn>
+NCL_HD T ncl_grad_soft(T l, T f_i, T g_j, T nlse_row_i, T nlse_col_j, T crow, T ccol,
+                       ExpFn exp_fn) {
+  return crow * exp_fn((l + g_j) + nlse_row_i) + ccol * exp_fn((l + f_i) + nlse_col_j);
+}
+
 }  // namespace ncl

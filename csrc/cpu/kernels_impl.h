@@ -66,6 +66,11 @@ inline double vexp<double>(double x) { return std::exp(x); }  // float64: exactn
 template <typename A>
 constexpr A kNegInf = -static_cast<A>(INFINITY);
 
+template <typename A>
+struct VExp {
+  NCL_HD A operator()(A x) const { return vexp<A>(x); }
+};
+
 int threads_for(int n_threads, int64_t work) {
 #ifdef _OPENMP
   const int nt = n_threads > 0 ? n_threads : omp_get_max_threads();
@@ -346,12 +351,12 @@ void col_lse_typed(const void* S, int64_t n, int64_t m, int64_t rs, double scale
 }
 
 // ---------------------------------------------------------------- ncl_grad
-// Row i of G (SPEC.md section 3), block by block:
+// Row i of G (SPEC.md section 3), block by block, with ncl_math.h's gradient element:
 //   G_ij = cr_i * exp((l + g_j) + b_i) + cc_j * exp((l + f_i) + h_j) - [j = y_i] cr_i
 //          - [i = z_j] cc_j
-// with l = scale * S_ij, b_i = -LSE_row_i, h_j = -LSE_col_j, and b, h = -inf where the LSE
-// is -inf (exp_diff's rule: such a row/column gets probability 0, never NaN). The logits
-// are rounded as in row_lse/col_lse, so a probability that should be exactly 1 is.
+// with l = scale * S_ij, b_i = neg_lse(LSE_row_i), h_j = neg_lse(LSE_col_j) (-inf where the
+// LSE is -inf: such a row/column gets probability 0, never NaN). The logits are rounded as
+// in row_lse/col_lse, so a probability that should be exactly 1 is.
 template <typename St, typename A>
 void grad_typed(const GradArgs& a) {
   const St* S = static_cast<const St*>(a.S);
@@ -366,7 +371,7 @@ void grad_typed(const GradArgs& a) {
   const int64_t n = a.n, m = a.m;
 
   A* h = scratch<A>(m);
-  for (int64_t j = 0; j < m; ++j) h[j] = lse_col[j] == kNegInf<A> ? kNegInf<A> : -lse_col[j];
+  for (int64_t j = 0; j < m; ++j) h[j] = neg_lse(lse_col[j]);
 
   const int nt = threads_for(a.n_threads, n * m);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -378,7 +383,7 @@ void grad_typed(const GradArgs& a) {
       const St* row = S + i * a.row_stride;
       St* orow = out ? out + i * a.out_row_stride : nullptr;
       const A cr = coef_row[i], fi = f[i];
-      const A bi = lse_row[i] == kNegInf<A> ? kNegInf<A> : -lse_row[i];
+      const A bi = neg_lse(lse_row[i]);
       const int64_t yi = a.y[i];
       double ds = 0.0;
       for (int64_t j0 = 0; j0 < m; j0 += kBlock) {
@@ -390,10 +395,8 @@ void grad_typed(const GradArgs& a) {
         const A* hb = h + j0;
         const A* cb = coef_col + j0;
 #pragma omp simd
-        for (int64_t k = 0; k < len; ++k) {
-          const A l = sc * sv[k];
-          gv[k] = cr * vexp<A>((l + gb[k]) + bi) + cb[k] * vexp<A>((l + fi) + hb[k]);
-        }
+        for (int64_t k = 0; k < len; ++k)
+          gv[k] = ncl_grad_soft(sc * sv[k], fi, gb[k], bi, hb[k], cr, cb[k], VExp<A>());
         if (yi >= j0 && yi < j0 + len) gv[yi - j0] -= cr;
         for (int64_t q = a.z_start[i]; q < a.z_start[i + 1]; ++q) {
           const int64_t j = a.z_cols[q];
