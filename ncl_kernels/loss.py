@@ -97,6 +97,10 @@ class _DenseLoss(torch.autograd.Function):
             out = S if ctx.inplace else torch.empty(S.shape, dtype=S.dtype, device=S.device)
         ds = ctx.be.ncl_grad_(S, ctx.s, f, g, lse_row, lse_col, coef_row * grad_loss,
                               coef_col * grad_loss, y, z, out=out)
+        # a fresh alias of S (not S itself, which autograd and the caller still hold): only a
+        # gradient tensor nobody else references is stored as .grad without a copy
+        if out is S:
+            out = out.detach()
         return (out, _scale_grad(ctx, 1, ds)) + (None,) * 11
 
 
