@@ -1,6 +1,7 @@
 """Side-by-side timing of the C++ CPU backend against the CPU-backend issue's targets.
 
-    python bench/profile_cpu.py [--skip-compile] [--skip-pot] [--repeat 5]
+    python bench/profile_cpu.py [--skip-compile] [--skip-pot] [--repeat 5] [--threads N]
+                                [--cases 1,2,3]
 
 Everything is measured in this one process, alternating the contenders each round (this
 machine is shared and noisy: read the ratios, not the absolute times); each time is the
@@ -166,7 +167,7 @@ def case_loss(args):
     S.requires_grad_()
     before = rss()
     nk.ncl_loss(S, {SCALE}, n_iters={iters}, inplace_backward=True, backend="cpu").backward()
-    assert S.grad.data_ptr() == S.data_ptr()
+    print("grad shares S storage:", S.grad.data_ptr() == S.data_ptr())
     print(rss() - before)
     """)
     s_mib = n * n * 4 / 2**20
@@ -221,7 +222,10 @@ def main():
     p.add_argument("--skip-pot", action="store_true")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cases", default="1,2,3")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     args = p.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     from ncl_kernels import _C_cpu
     info = _C_cpu.build_info()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; _C_cpu kernels "

@@ -251,3 +251,15 @@ def test_isa_control_and_build_info():
 def test_auto_picks_cpu_for_cpu_tensors():
     from ncl_kernels.backends import get
     assert get("auto", torch.device("cpu")).name == "cpu"
+
+
+def test_inplace_backward_hands_S_storage_to_autograd():
+    # the caller's tensor becomes the gradient: no N x M buffer is allocated or copied
+    S0 = random_scores(67, 45, torch.float32, seed=4)
+    S = S0.clone().requires_grad_()
+    nk.ncl_loss(S, 5.0, inplace_backward=True, backend="cpu").backward()
+    assert S.grad.data_ptr() == S.data_ptr()
+    expect = S0.clone().requires_grad_()
+    nk.ncl_loss(expect, 5.0, backend="cpu").backward()
+    assert torch.equal(S.grad, expect.grad)
+    assert not torch.equal(S.detach(), S0)  # overwritten, as documented

@@ -50,9 +50,13 @@ constexpr int64_t kBlock = 1024;
 // Column pass tiles: kTileRows rows x kColBlock columns of logits (64 KiB float, in L2).
 constexpr int64_t kColBlock = 512;
 constexpr int64_t kTileRows = 32;
-// The column pass is split into at least this many tasks (when the shape allows) so that
-// up to this many threads have work; a constant, so the split never depends on threads.
-constexpr int64_t kMinColTasks = 16;
+// The column pass is split into at least this many tasks (when the shape allows), enough to
+// balance a few threads dynamically; a constant, so the split never depends on threads.
+constexpr int64_t kMinColTasks = 64;
+// Rows are handed out dynamically in chunks of this many: a thread that the OS
+// descheduled (this machine is shared) does not hold up the others at the end of a pass.
+// Which thread reduces a row never changes its result, so determinism is kept.
+constexpr int kRowChunk = 16;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kMinParallelWork = 1 << 15;
 
@@ -175,6 +179,13 @@ inline void store_block(const float* src, int64_t len, f16_t* dst) {
   for (; k < len; ++k) dst[k] = to_f16(src[k]);
 }
 
+// Ask for `count` elements from p into the cache (nothing for count <= 0).
+template <typename St>
+inline void prefetch(const St* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < count * int64_t(sizeof(St)); off += 64) __builtin_prefetch(c + off);
+}
+
 // ---------------------------------------------------------------- block reductions
 template <typename A>
 inline bool block_has_nan(const A* x, int64_t len) {
@@ -212,6 +223,8 @@ LseState<A> row_lse_one(const St* row, int64_t m, A scale, const A* g, A* buf) {
     const int64_t len = m - j0 < kBlock ? m - j0 : kBlock;
     const A bmax = logits_max(as_acc(row + j0, len, buf), len, scale, g ? g + j0 : nullptr,
                               A(0), buf);
+    // the exp sweep below is compute-bound: have the next block on its way meanwhile
+    prefetch(row + j0 + kBlock, (m - j0 - kBlock < kBlock ? m - j0 - kBlock : kBlock));
     // A fully masked block adds nothing; skipping it keeps (-inf) - (-inf) out of exp.
     // The max ignores NaN, so look for one first: a NaN input gives a NaN result.
     if (bmax == kNegInf<A>) {
@@ -235,7 +248,7 @@ void row_lse_typed(const void* S, int64_t n, int64_t m, int64_t rs, double scale
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     alignas(64) A buf[kBlock];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowChunk)
     for (int64_t i = 0; i < n; ++i) {
       const LseState<A> st = row_lse_one(s + i * rs, m, sc, gp, buf);
       put_lse(st.m, st.s, o, os, i);
@@ -280,7 +293,10 @@ void col_lse_task(const St* S, int64_t rs, int64_t i0, int64_t i1, int64_t j0, i
       run_m[k] = mn;
       shift[k] = mn == kNegInf<A> ? A(0) : mn;
     }
+    const int64_t next_rows = i1 - (ii + rows) < kTileRows ? i1 - (ii + rows) : kTileRows;
     for (int64_t r = 0; r < rows; ++r) {
+      // the exp sweep is compute-bound: fetch the next tile meanwhile, a row per row
+      if (r < next_rows) prefetch(S + (ii + rows + r) * rs + j0, len);
       const A* t = tile + r * kColBlock;
 #pragma omp simd
       for (int64_t k = 0; k < len; ++k) run_s[k] += vexp<A>(t[k] - shift[k]);
@@ -318,7 +334,7 @@ void col_lse_typed(const void* S, int64_t n, int64_t m, int64_t rs, double scale
 #else
     A* tile = tiles;
 #endif
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < groups * n_cb; ++t) {
       const int64_t grp = t / n_cb, cb = t % n_cb;
       const int64_t i0 = grp * rows_per_group;
@@ -378,7 +394,7 @@ void grad_typed(const GradArgs& a) {
   {
     alignas(64) A sbuf[kBlock];
     alignas(64) A gv[kBlock];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowChunk)
     for (int64_t i = 0; i < n; ++i) {
       const St* row = S + i * a.row_stride;
       St* orow = out ? out + i * a.out_row_stride : nullptr;
@@ -431,7 +447,7 @@ void apply_biases_typed(void* S, int64_t n, int64_t m, int64_t rs, double scale,
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     alignas(64) A buf[kBlock];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowChunk)
     for (int64_t i = 0; i < n; ++i) {
       St* row = s + i * rs;
       const A fi = fp ? fp[i] : A(0);
