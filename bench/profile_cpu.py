@@ -5,8 +5,8 @@
 
 Everything is measured in this one process, alternating the contenders each round (this
 machine is shared and noisy: read the ratios, not the absolute times); each time is the
-best of ``--repeat`` rounds. Memory peaks are measured in child processes (peak RSS growth
-with glibc's mmap threshold fixed, so that freed buffers leave the RSS).
+best of ``--repeat`` rounds. Memory peaks are measured in child processes (growth of the
+peak RSS, VmHWM, with glibc's mmap threshold fixed so that freed buffers leave the RSS).
 
 Cases (the issue's targets):
  1. N = M = 4096 float32, one Sinkhorn iteration (a row and a column pass): ours vs the
@@ -33,6 +33,9 @@ import ncl_kernels as nk
 from ncl_kernels.backends import get
 
 SCALE = 10.0
+# the environment as it was at start: torch.compile and POT's imports add variables that
+# the memory children should not inherit
+_ENV = dict(os.environ)
 
 
 def best_times(fns: dict, repeat: int) -> dict:
@@ -70,17 +73,22 @@ def eager_iteration(S, scale):
 
 
 def child_peak_mib(code: str) -> float:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    env = dict(_ENV, MALLOC_MMAP_THRESHOLD_="1048576")
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env=env, timeout=1200, check=False)
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
-    return float(done.stdout.strip().splitlines()[-1])
+    return float(done.stdout.strip().splitlines()[-1])  # the child prints the growth last
 
 
+# Peak RSS from /proc/self/status VmHWM (MiB). Not getrusage's ru_maxrss: Linux carries the
+# parent's peak over into a child across fork + exec, which would hide the child's growth
+# whenever this (large) parent process has a higher peak.
 PEAK = """
-    import resource, torch, ncl_kernels as nk
-    def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # MiB
+    import torch, ncl_kernels as nk
+    def rss():
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
 """
 
 
