@@ -40,5 +40,19 @@ inline void check_row_block(int64_t n, int64_t m, int64_t row_stride, uintptr_t 
   if (n > 0 && out_ptr == 0) throw py::value_error("null output pointer");
 }
 
+// An n x m block of scores at s_ptr with the given row stride (no output checked).
+inline void check_block(int64_t n, int64_t m, int64_t row_stride, uintptr_t s_ptr) {
+  if (n < 0 || m < 0)
+    throw py::value_error("negative shape: n=" + std::to_string(n) + ", m=" + std::to_string(m));
+  if (row_stride < m)
+    throw py::value_error("row_stride=" + std::to_string(row_stride) + " < m=" + std::to_string(m));
+  if (n > 0 && m > 0 && s_ptr == 0) throw py::value_error("null scores pointer");
+}
+
+// A vector argument of `count` elements that the kernel will read or write.
+inline void check_vector(const char* what, uintptr_t ptr, int64_t count) {
+  if (count > 0 && ptr == 0) throw py::value_error(std::string("null ") + what + " pointer");
+}
+
 }  // namespace bindings
 }  // namespace ncl

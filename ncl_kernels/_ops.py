@@ -220,7 +220,9 @@ def _dense_backward(ctx, grad, *_unused):
     if need_S and inplace:
         # the caller gave up S (documented): its storage becomes the gradient
         ds = torch.ops.ncl_kernels.loss_backward_(grad, S, *args)
-        dS = S
+        # a fresh alias of S, not S itself (which autograd and the caller still hold): only
+        # a gradient nobody else references is stored as .grad without a copy
+        dS = S.detach()
     else:
         dS, ds = torch.ops.ncl_kernels.loss_backward(grad, S, *args, need_S)
         dS = dS if need_S else None

@@ -1,13 +1,13 @@
 """Backend registry: which backends exist, which are usable here, and picking one.
 
 ``backend="auto"`` picks the fastest backend measured for the tensors' device
-(bench/RESULTS.md). Today that is ``"torch"`` everywhere:
+(bench/RESULTS.md, bench/profile_cpu.py):
 
-* CPU tensors: the C++ module's ``row_lse`` still uses a scalar ``exp`` and is up to about
-  2x slower than the chunked PyTorch pass in float32/bfloat16/float16 (it wins in
-  float64), so ``"cpu"`` is used when named, until its SIMD kernels land;
-* CUDA tensors: the CUDA and Triton kernels join ``auto`` once they have been measured on
-  a GPU; until then name them explicitly.
+* CPU tensors: ``"cpu"`` (the C++ module: fused one-pass kernels with a SIMD ``exp``,
+  several times faster than the chunked PyTorch passes in every storage dtype) when it is
+  built and loads; otherwise ``"torch"``;
+* CUDA tensors: ``"torch"``; the CUDA and Triton kernels join ``auto`` once they have been
+  measured on a GPU; until then name them explicitly.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ def _instance(name: str) -> Backend:
 def get(name: str, device: torch.device) -> Backend:
     """The backend object for ``name`` (or ``"auto"``) and tensors on ``device``."""
     if name == "auto":
+        if device.type == "cpu" and _cpu.status()[1]:
+            return _instance("cpu")
         return _instance("torch")
     if name not in NAMES:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, NAMES))}; "

@@ -1,19 +1,23 @@
-"""C++ CPU backend (``ncl_kernels._C_cpu``: OpenMP, one read of S per LSE).
+"""C++ CPU backend (``ncl_kernels._C_cpu``): fused one-pass primitives, OpenMP + SIMD.
 
-Primitives that have no C++ kernel yet are inherited from the PyTorch backend, so the
-backend is complete today and gets faster primitive by primitive. Today: ``row_lse`` (and
-through it the row passes of the streaming forms).
+Every dense primitive is one C++ pass over ``S`` (``csrc/cpu/kernels_impl.h``): rows are
+spread over OpenMP threads, the column pass streams ``S`` row-major in tiles of columns,
+``exp`` is a vectorized polynomial, and the kernels of the best instruction set this CPU has
+(AVX-512, AVX2 or portable) are chosen at run time. No temporary of ``S``'s size is
+allocated. Results are bitwise identical for any thread count (the work split depends on
+the shape only; partial results are merged in a fixed order).
+
+The streaming forms are the base class's generic chunked path: ``torch.matmul`` (BLAS)
+computes a chunk of rows of ``X @ Y.T`` and these dense kernels reduce it, so memory stays
+O(chunk x M).
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _native
-from .base import Tensor
-from .torch import TorchBackend
+from .base import Backend, Tensor, acc_dtype
 
 
 def status():
@@ -21,13 +25,80 @@ def status():
     return module is not None, module is not None, why
 
 
-class CpuBackend(TorchBackend):
+def _vec(v: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A contiguous vector of ``dtype`` that the kernel may read (None stays None)."""
+    return None if v is None else v.to(dtype).contiguous()
+
+
+def _ptr(v: Tensor | None) -> int:
+    return 0 if v is None else v.data_ptr()
+
+
+def _unit_columns(S: Tensor) -> Tensor:
+    # the kernels need column stride 1 (validation guarantees it for the public API; a
+    # single column may carry any stride)
+    return S if S.shape[1] <= 1 or S.stride(1) == 1 else S.contiguous()
+
+
+class CpuBackend(Backend):
     name = "cpu"
 
     def __init__(self):
         self._C = _native.require("_C_cpu")
 
-    def row_lse(self, S: Tensor, scale: float, g: Optional[Tensor] = None) -> Tensor:
-        out, _g_alive, args = _native.row_lse_call(S, scale, g)
-        self._C.row_lse(*args, torch.get_num_threads())
-        return out
+    def _head(self, S: Tensor, scale: float):
+        return (S.data_ptr(), S.shape[0], S.shape[1], _native.row_stride(S),
+                _native.DTYPE_CODES[S.dtype], float(scale))
+
+    def _lse(self, fn, S: Tensor, scale: float, vec: Tensor | None, length: int) -> Tensor:
+        # The kernel returns the online state (max, sum); finishing it with torch.log, the
+        # log the Sinkhorn driver applies to the masses, makes log(c) - LSE cancel exactly
+        # where it should (a single column) rather than differ by one ulp between libms.
+        # Where the sum is 0 the max is -inf, and -inf + log(0) = -inf.
+        state = torch.empty(2, length, dtype=acc_dtype(S.dtype))
+        fn(*self._head(S, scale), _ptr(vec), state[0].data_ptr(), torch.get_num_threads(),
+           state[1].data_ptr())
+        top, total = state
+        return top.add_(total.log_())
+
+    def row_lse(self, S: Tensor, scale: float, g: Tensor | None = None) -> Tensor:
+        S = _unit_columns(S)
+        return self._lse(self._C.row_lse, S, scale, _vec(g, acc_dtype(S.dtype)), S.shape[0])
+
+    def col_lse(self, S: Tensor, scale: float, f: Tensor | None = None) -> Tensor:
+        S = _unit_columns(S)
+        return self._lse(self._C.col_lse, S, scale, _vec(f, acc_dtype(S.dtype)), S.shape[1])
+
+    def ncl_grad_(self, S, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
+                  out=None, row_offset=0):
+        acc = acc_dtype(S.dtype)
+        S_in = S
+        S = _unit_columns(S)
+        vecs = [_vec(v, acc) for v in (f, g, lse_row, lse_col, coef_row, coef_col)]
+        y, z = _vec(y, torch.int64), _vec(z, torch.int64)
+        # write straight into `out` when it is S itself or has the kernel's layout;
+        # otherwise into a buffer that is copied over (e.g. a transposed view)
+        target = out
+        if out is not None and out is not S_in:
+            if out.dtype != S.dtype or (out.shape[1] > 1 and out.stride(1) != 1):
+                target = torch.empty(S.shape, dtype=S.dtype)
+        elif out is S_in and S is not S_in:
+            target = S  # S was made contiguous: write there, copy back below
+        ds = self._C.ncl_grad(*self._head(S, scale), *map(_ptr, vecs), _ptr(y), _ptr(z),
+                              int(row_offset), _ptr(target),
+                              0 if target is None else _native.row_stride(target),
+                              torch.get_num_threads())
+        if target is not out:
+            out.copy_(target)
+        return torch.tensor(ds, dtype=acc)
+
+    def apply_biases_(self, S: Tensor, scale: float, f: Tensor | None,
+                      g: Tensor | None) -> Tensor:
+        acc = acc_dtype(S.dtype)
+        work = _unit_columns(S)
+        f, g = _vec(f, acc), _vec(g, acc)
+        self._C.apply_biases(*self._head(work, scale), _ptr(f), _ptr(g),
+                             torch.get_num_threads())
+        if work is not S:
+            S.copy_(work)
+        return S
