@@ -37,6 +37,27 @@ def child_env(**extra):
     return dict(os.environ, PYTHONPATH=str(Path(ncl_kernels.__file__).parents[1]), **extra)
 
 
+# Peak-memory probes for child processes. getrusage's ru_maxrss is carried over from the
+# parent across fork and exec (a child of a large pytest process reports the parent's peak),
+# so the children read VmHWM, which belongs to their own address space, after resetting it
+# to the current RSS through /proc/self/clear_refs (Linux >= 4.0).
+PEAK_RSS_CODE = """
+def _status_kib(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    return _status_kib("VmRSS")
+
+def peak():
+    return _status_kib("VmHWM")
+"""
+
+
 def cpu_backends():
     names = ["torch"]
     if ncl_kernels.backends()["cpu"]["usable"]:

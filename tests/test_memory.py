@@ -4,11 +4,11 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT, child_env
+from conftest import PEAK_RSS_CODE, ROOT, child_env
 
 # N = M = 8192: a float32 score matrix would be 256 MiB; chunks are 16 MiB.
 CODE = textwrap.dedent("""
-    import resource, torch, ncl_kernels as nk
+    import torch, ncl_kernels as nk
     torch.manual_seed(0)
     n, d = 8192, 16
     x = torch.nn.functional.normalize(torch.randn(n, d), dim=1).requires_grad_()
@@ -17,10 +17,10 @@ CODE = textwrap.dedent("""
     nk.ncl_loss_embeddings(x[:512], y[:512], 20.0).backward()
     nk.sinkhorn_embeddings(x[:512].detach(), y[:512].detach(), 20.0, n_iters=2, tol=None)
     x.grad = y.grad = None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB
+    before = reset_peak()   # KiB
     nk.sinkhorn_embeddings(x.detach(), y.detach(), 20.0, n_iters=2, tol=None)
     nk.ncl_loss_embeddings(x, y, 20.0, n_iters=2).backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak()
     print((after - before) / 1024)
 """)
 
@@ -28,7 +28,8 @@ CODE = textwrap.dedent("""
 def test_embedding_forms_peak_memory():
     # glibc keeps freed large blocks mapped under its adaptive threshold; a fixed threshold
     # makes every chunk-sized buffer its own mapping, so peak RSS measures live memory
-    done = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE + CODE],
+                          capture_output=True, text=True,
                           cwd=str(ROOT / "tests"), timeout=600,
                           env=child_env(MALLOC_MMAP_THRESHOLD_="1048576"))
     assert done.returncode == 0, done.stderr

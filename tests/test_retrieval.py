@@ -7,7 +7,8 @@ import textwrap
 import hypothesis.strategies as st
 import pytest
 import torch
-from conftest import ROOT, STORAGE_DTYPES, child_env, random_embeddings, rel_err
+from conftest import (PEAK_RSS_CODE, ROOT, STORAGE_DTYPES, child_env, random_embeddings,
+                      rel_err)
 from hypothesis import given, settings
 
 import ncl_kernels as nk
@@ -221,23 +222,24 @@ def test_retrieval_bad_inputs():
 # Q = 512 queries, M = 131072 items: a float32 score matrix would be 256 MiB; a block is
 # 16 MiB (the default chunk) plus a 4 MiB mask.
 MEMORY_CODE = textwrap.dedent("""
-    import resource, torch, ncl_kernels as nk
+    import torch, ncl_kernels as nk
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(512, 16), dim=1)
     y = torch.nn.functional.normalize(torch.randn(131072, 16), dim=1)
     b = torch.randn(131072) * 0.1
     t = torch.randint(0, 131072, (512, 2))
     nk.retrieval.ranks(q[:8], y[:4096], t[:8] % 4096, 20.0, bias=b[:4096])   # warm up
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB
+    before = reset_peak()   # KiB
     nk.retrieval.ranks(q, y, t, 20.0, bias=b)
     nk.retrieval.topk(q, y, 10, 20.0, bias=b)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak()
     print((after - before) / 1024)
 """)
 
 
 def test_ranks_and_topk_peak_memory():
-    done = subprocess.run([sys.executable, "-c", MEMORY_CODE], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE + MEMORY_CODE],
+                          capture_output=True, text=True,
                           check=False,
                           cwd=str(ROOT / "tests"), timeout=600,
                           env=child_env(MALLOC_MMAP_THRESHOLD_="1048576"))
