@@ -76,14 +76,18 @@ def scores_values(S: Tensor, name: str = "scores") -> Tensor:
     return S
 
 
-def embeddings(x, y) -> Tuple[Tensor, Tensor]:
-    """Query and item embeddings: 2-D, same D, dtype and device, finite."""
-    return embeddings_values(*embeddings_meta(x, y))
+def embeddings(x, y, names: Tuple[str, str] = ("x", "y")) -> Tuple[Tensor, Tensor]:
+    """Query and item embeddings: 2-D, same D, dtype and device, finite.
+
+    ``names`` are the caller's argument names, used in the messages.
+    """
+    return embeddings_values(*embeddings_meta(x, y, names), names)
 
 
-def embeddings_meta(x, y) -> Tuple[Tensor, Tensor]:
+def embeddings_meta(x, y, names: Tuple[str, str] = ("x", "y")) -> Tuple[Tensor, Tensor]:
     """The metadata half of :func:`embeddings`."""
-    for name, t in (("x", x), ("y", y)):
+    nx, ny = names
+    for name, t in ((nx, x), (ny, y)):
         t = _tensor(name, t)
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D (rows x D); got shape {tuple(t.shape)}")
@@ -92,17 +96,19 @@ def embeddings_meta(x, y) -> Tuple[Tensor, Tensor]:
             raise ValueError(f"{name} must have at least one row and one feature; got "
                              f"shape {tuple(t.shape)}")
     if x.shape[1] != y.shape[1]:
-        raise ValueError(f"x and y must have the same embedding size D; got x {tuple(x.shape)}"
-                         f" and y {tuple(y.shape)}")
+        raise ValueError(f"{nx} and {ny} must have the same embedding size D; got {nx} "
+                         f"{tuple(x.shape)} and {ny} {tuple(y.shape)}")
     if x.dtype != y.dtype:
-        raise TypeError(f"x and y must have the same dtype; got {x.dtype} and {y.dtype}")
-    same_device(x=x, y=y)
+        raise TypeError(f"{nx} and {ny} must have the same dtype; got {x.dtype} and "
+                        f"{y.dtype}")
+    same_device(**{nx: x, ny: y})
     return x, y
 
 
-def embeddings_values(x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+def embeddings_values(x: Tensor, y: Tensor,
+                      names: Tuple[str, str] = ("x", "y")) -> Tuple[Tensor, Tensor]:
     """The data half of :func:`embeddings`: every entry finite."""
-    for name, t in (("x", x), ("y", y)):
+    for name, t in zip(names, (x, y)):
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or inf (embeddings must be finite)")
     return x, y

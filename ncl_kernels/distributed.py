@@ -215,7 +215,7 @@ def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=No
     device = x_local.device if isinstance(x_local, Tensor) else torch.device("cpu")
     error = None
     try:  # the checks of this rank's own arguments; every rank then agrees
-        x, y = V.embeddings(x_local, y_local)
+        x, y = V.embeddings(x_local, y_local, ("x_local", "y_local"))
         scale_t = scale if isinstance(scale, Tensor) else None
         s = V.scale(scale)
         V.iterations(n_iters, None, 1)

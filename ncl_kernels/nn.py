@@ -141,7 +141,8 @@ class NCLLoss(nn.Module):
 
     def forward(self, text_features: Tensor, video_features: Tensor, scale,
                 caption_to_video: Optional[Tensor] = None) -> Tensor:
-        x, y = V.embeddings_meta(text_features, video_features)
+        x, y = V.embeddings_meta(text_features, video_features,
+                                       ("text_features", "video_features"))
         N, Vb = x.shape[0], y.shape[0]
         y_t, z_t, counts = self._batch_targets(N, Vb, caption_to_video, x)
         queued = self._queued(x)

@@ -131,3 +131,15 @@ def test_bad_loss_values_are_refused_inside_the_ops(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         nk.ncl_loss(work, inplace_backward=True, **kwargs)
     assert torch.equal(work.detach(), S)
+
+
+def test_embedding_messages_name_the_callers_arguments():
+    q, y = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match="queries must have at least one row"):
+        nk.retrieval.ranks(q[:0], y, torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bank and gallery must have the same embedding"):
+        nk.retrieval.gallery_bias(torch.randn(3, 2), y)
+    with pytest.raises(ValueError, match="gallery contains NaN"):
+        nk.retrieval.topk(q, torch.full((5, 4), math.nan), 2)
+    with pytest.raises(ValueError, match="text_features and video_features must have the same"):
+        nk.NCLLoss()(torch.randn(4, 3), torch.randn(4, 5), 10.0)

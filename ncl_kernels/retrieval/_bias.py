@@ -28,7 +28,7 @@ def gallery_bias(bank: Tensor, gallery: Tensor, scale=1.0, *, method: str = "ncl
         (M,) float32 (float64 for float64 embeddings) on the gallery's device.
     """
     V.choice("method", method, BIAS_METHODS)
-    B, Y = V.embeddings(bank, gallery)
+    B, Y = V.embeddings(bank, gallery, ("bank", "gallery"))
     if method == "ncl":
         return sinkhorn_embeddings(B, Y, scale, n_iters=n_iters, tol=tol, backend=backend).g
     s = V.scale(scale)

@@ -42,13 +42,13 @@ def evaluate(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
     the gallery in chunks (:func:`ranks`); the bank passes go through the backend seam.
     """
     V.choice("method", method, EVAL_METHODS)
-    Q, Y = V.embeddings(queries, gallery)
+    Q, Y = V.embeddings(queries, gallery, ("queries", "gallery"))
     s = V.scale(scale)
     b = s if beta is None else V.scale(beta)
     if method in NEEDS_BANK:
         if bank is None:
             raise ValueError(f"method={method!r} needs a bank of training queries (bank=...)")
-        V.embeddings(bank, Y)
+        V.embeddings(bank, Y, ("bank", "gallery"))
     if chunk is not None:
         chunk = V.positive_int("chunk", chunk)
     T = V.retrieval_targets(targets, Q.shape[0], Y.shape[0], Q.device)

@@ -37,7 +37,7 @@ def to_faiss(gallery: Tensor, bias: Tensor | None = None, scale=1.0):
     (``-inf``) items from the gallery instead. Vectors are stored as float32.
     """
     faiss = _faiss()
-    Y, _ = V.embeddings(gallery, gallery)
+    Y, _ = V.embeddings(gallery, gallery, ("gallery", "gallery"))
     s = V.scale(scale)
     b = V.potential("bias", bias, Y.shape[0], Y)
     if b is not None and not bool(torch.isfinite(b).all()):
@@ -54,6 +54,6 @@ def to_faiss(gallery: Tensor, bias: Tensor | None = None, scale=1.0):
 
 def augment_queries(queries: Tensor) -> np.ndarray:
     """``[q, 1]`` as a float32 (Q, D + 1) numpy array, for ``index.search``."""
-    Q, _ = V.embeddings(queries, queries)
+    Q, _ = V.embeddings(queries, queries, ("queries", "queries"))
     ones = torch.ones(Q.shape[0], 1, dtype=Q.dtype, device=Q.device)
     return _numpy32(torch.cat([Q, ones], 1))

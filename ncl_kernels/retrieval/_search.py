@@ -13,7 +13,7 @@ Tensor = torch.Tensor
 
 def linear_scorer(queries, gallery, scale, bias, chunk):
     """Validate the shared arguments; returns ``(scorer, chunk)``."""
-    Q, Y = V.embeddings(queries, gallery)
+    Q, Y = V.embeddings(queries, gallery, ("queries", "gallery"))
     s = V.scale(scale)
     bias = V.potential("bias", bias, Y.shape[0], Y)
     if chunk is not None:
