@@ -9,8 +9,9 @@ Writes ``bench/results/<date>-<machine>.json`` (or ``--out``): a list of records
      "roof_ratio", "gpu", "date"}
 
 plus context fields (``ours``, ``machine``, ``time_ms_min``, ``rounds``, ``peak_mem_bytes``,
-``peak_mem_method``, ``bytes``, ``flops``, ``check``, ``note``, ``threads``, ``roofs``). ``time_ms`` is the
-median over the timed rounds; ``achieved`` is the op's counted work over that time.
+``peak_mem_method``, ``bytes``, ``flops``, ``check``, ``note``, ``threads``, ``roofs``).
+``time_ms`` is the median over the timed rounds; ``achieved`` is the op's counted work
+over that time.
 ``--markdown`` prints a summary (each peer's time over the fastest of ours, per op, shape
 and dtype: above 1 means the peer is slower), then one table per (op, shape, dtype):
 every implementation with its time, rate, roof ratio, time relative to the fastest of

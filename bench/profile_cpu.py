@@ -182,10 +182,12 @@ def case_loss(args):
     print(f"\n2. ncl_loss fwd + bwd, {n} x {n} float32, n_iters={iters}, inplace_backward=True")
     print(f"  time {best['loss'] * 1e3:.1f} ms; our row pass {best['row'] * 1e3:.2f} ms, column"
           f" pass {best['col'] * 1e3:.2f} ms")
-    print(f"  budget {passes} row passes = {budget_row * 1e3:.1f} ms -> {best['loss'] / budget_row:.2f}x;"
+    print(f"  budget {passes} row passes = {budget_row * 1e3:.1f} ms -> "
+          f"{best['loss'] / budget_row:.2f}x;"
           f" {passes} mean(row, col) passes = {budget_mean * 1e3:.1f} ms -> "
           f"{best['loss'] / budget_mean:.2f}x")
-    print(f"  peak memory beyond S: {peak:.1f} MiB = {100 * peak / s_mib:.2f}% of S ({s_mib:.0f} MiB)")
+    print(f"  peak memory beyond S: {peak:.1f} MiB = {100 * peak / s_mib:.2f}% of S "
+          f"({s_mib:.0f} MiB)")
 
 
 def case_embeddings(args):

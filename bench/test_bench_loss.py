@@ -15,9 +15,13 @@ Peers: CLIP's loss plus Sinkhorn biases written the obvious way (eager autograd)
 (where NCL is CLIP's loss).
 """
 
-import peers
 import pytest
 import torch
+
+import ncl_kernels as nk
+import python_ref as ref
+
+import peers
 from harness import (
     DEVICE,
     DTYPES,
@@ -30,9 +34,6 @@ from harness import (
     ours_backends,
     run_case,
 )
-
-import ncl_kernels as nk
-import python_ref as ref
 
 N = SIZE.dense
 NS, D = SIZE.loss_stream, SIZE.dim

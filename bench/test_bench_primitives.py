@@ -10,6 +10,10 @@ materializing ``x @ y.T`` for the streaming LSE.
 
 import pytest
 import torch
+
+import python_ref as ref
+from ncl_kernels.backends import get
+
 from harness import (
     DEVICE,
     DTYPES,
@@ -21,9 +25,6 @@ from harness import (
     ours_backends,
     run_case,
 )
-
-import python_ref as ref
-from ncl_kernels.backends import get
 
 N = SIZE.dense
 NS, D = SIZE.stream, SIZE.dim

@@ -9,9 +9,13 @@ and computes each block twice, once to read the positives' scores and once to co
 its roof ratio shows that cost). Peer: the whole Q x M score matrix at once.
 """
 
-import peers
 import pytest
 import torch
+
+import python_ref as ref
+from ncl_kernels import retrieval
+
+import peers
 from harness import (
     DEVICE,
     ORACLE_MAX_ELEMS,
@@ -22,9 +26,6 @@ from harness import (
     ours_backends,
     run_case,
 )
-
-import python_ref as ref
-from ncl_kernels import retrieval
 
 K, M, Q, D = SIZE.bank, SIZE.gallery, SIZE.queries, SIZE.dim
 ITERS = 10

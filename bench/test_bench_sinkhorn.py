@@ -11,9 +11,13 @@ Peers: the eager two-``logsumexp`` loop, ``torch.compile`` of it, POT ``sinkhorn
 (streaming) and flash-sinkhorn (streaming, CUDA only).
 """
 
-import peers
 import pytest
 import torch
+
+import ncl_kernels as nk
+import python_ref as ref
+
+import peers
 from harness import (
     DEVICE,
     DTYPES,
@@ -26,9 +30,6 @@ from harness import (
     ours_backends,
     run_case,
 )
-
-import ncl_kernels as nk
-import python_ref as ref
 
 N = SIZE.dense
 NS, D = SIZE.stream, SIZE.dim

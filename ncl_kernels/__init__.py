@@ -9,8 +9,13 @@ from . import distributed, retrieval
 from .backends import backends
 from .loss import apply_biases_, ncl_loss, ncl_loss_embeddings
 from .nn import NCLLoss
-from .sinkhorn import (SinkhornConvergenceError, SinkhornConvergenceWarning, SinkhornResult,
-                       sinkhorn, sinkhorn_embeddings)
+from .sinkhorn import (
+                       SinkhornConvergenceError,
+                       SinkhornConvergenceWarning,
+                       SinkhornResult,
+                       sinkhorn,
+                       sinkhorn_embeddings,
+)
 
 __version__ = "0.1.0"
 

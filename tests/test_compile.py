@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ncl_kernels as nk
+
 from conftest import random_embeddings, random_scores
 
 OPS = torch.ops.ncl_kernels

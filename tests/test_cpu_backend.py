@@ -8,10 +8,11 @@ them. The public entry points (sinkhorn, ncl_loss, ...) are covered on this back
 
 import pytest
 import torch
-from conftest import STORAGE_DTYPES, assert_close, random_scores
 
 import ncl_kernels as nk
 import python_ref as ref
+
+from conftest import STORAGE_DTYPES, assert_close, random_scores
 
 if not nk.backends()["cpu"]["usable"]:
     pytest.skip("the C++ CPU module is not built", allow_module_level=True)

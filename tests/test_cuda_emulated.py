@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import test_gpu as gpu
 import torch
-from conftest import STORAGE_DTYPES
 
 from ncl_kernels.backends import cuda as cuda_backend
+
+from conftest import STORAGE_DTYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -52,8 +53,8 @@ def _build():
     home = _cuda_home()
     if cxx is None or home is None:
         pytest.skip("needs g++ and the CUDA headers (CUDA_HOME) to emulate the kernels")
-    libdir = next((d for d in (home / "lib64", home / "lib") if (d / "libcudart_static.a").exists()),
-                  None)
+    libdir = next((d for d in (home / "lib64", home / "lib")
+                   if (d / "libcudart_static.a").exists()), None)
     if libdir is None:
         pytest.skip("needs libcudart_static.a (the binding's error strings and device count)")
     import pybind11

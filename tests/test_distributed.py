@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ncl_kernels as nk
+
 from conftest import rel_err
 
 N, M, D = 11, 9, 6

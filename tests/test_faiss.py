@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import random_embeddings
 
 import ncl_kernels as nk
+
+from conftest import random_embeddings
 
 faiss = pytest.importorskip("faiss")
 R = nk.retrieval

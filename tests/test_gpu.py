@@ -15,6 +15,12 @@ the torch backend (a check of the checks).
 
 import pytest
 import torch
+
+import ncl_kernels as nk
+import python_ref as ref
+from ncl_kernels.backends import get as get_backend
+from ncl_kernels.backends.base import Backend, acc_dtype
+
 from conftest import (
     STORAGE_DTYPES,
     assert_close,
@@ -22,11 +28,6 @@ from conftest import (
     random_scores,
     rel_err,
 )
-
-import ncl_kernels as nk
-import python_ref as ref
-from ncl_kernels.backends import get as get_backend
-from ncl_kernels.backends.base import Backend, acc_dtype
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

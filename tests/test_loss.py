@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import ncl_kernels as nk
 import python_ref as ref
+
 from conftest import STORAGE_DTYPES, assert_close, random_embeddings, random_scores, rel_err
 
 SHAPES = [(1, 1), (7, 5), (5, 7), (67, 45), (1031, 67)]

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import random_scores
 
 import ncl_kernels as nk
+
+from conftest import random_scores
 
 if not nk.backends()["cpu"]["usable"]:
     pytest.skip("the C++ CPU module is not built", allow_module_level=True)

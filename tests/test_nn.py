@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ncl_kernels as nk
+
 from conftest import rel_err
 
 D = 6

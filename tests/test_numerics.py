@@ -6,9 +6,10 @@ import warnings
 
 import pytest
 import torch
-from conftest import random_embeddings
 
 import ncl_kernels as nk
+
+from conftest import random_embeddings
 
 LOW_AND_SINGLE = [torch.float32, torch.bfloat16, torch.float16]
 SCALES = [0.1, 1.0, 10.0, 100.0, 1000.0]

@@ -7,14 +7,14 @@ import textwrap
 import hypothesis.strategies as st
 import pytest
 import torch
-from conftest import (PEAK_RSS_CODE, ROOT, STORAGE_DTYPES, child_env, random_embeddings,
-                      rel_err)
 from hypothesis import given, settings
 
 import ncl_kernels as nk
 import python_ref as ref
 from ncl_kernels.retrieval import _stream
 from ncl_kernels.retrieval._scorers import LinearScorer
+
+from conftest import PEAK_RSS_CODE, ROOT, STORAGE_DTYPES, child_env, random_embeddings, rel_err
 
 R = nk.retrieval
 SHAPES = [(1, 1), (1, 7), (7, 1), (7, 67), (67, 7), (67, 1031)]

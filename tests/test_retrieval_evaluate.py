@@ -3,10 +3,11 @@ against the float64 oracle."""
 
 import pytest
 import torch
-from conftest import random_embeddings
 
 import ncl_kernels as nk
 import python_ref as ref
+
+from conftest import random_embeddings
 
 R = nk.retrieval
 

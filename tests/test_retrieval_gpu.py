@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import random_embeddings, rel_err
 
 import ncl_kernels as nk
 import python_ref as ref
+
+from conftest import random_embeddings, rel_err
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

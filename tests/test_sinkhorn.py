@@ -5,6 +5,7 @@ import torch
 
 import ncl_kernels as nk
 import python_ref as ref
+
 from conftest import STORAGE_DTYPES, assert_close, random_embeddings, random_scores, rel_err
 
 SHAPES = [(1, 1), (1, 7), (7, 1), (7, 5), (67, 45), (45, 67), (1031, 67)]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ncl_kernels as nk
+
 from conftest import random_embeddings, random_scores
 
 S = random_scores(6, 5, torch.float32)
