@@ -10,11 +10,11 @@ from .backends import backends
 from .loss import apply_biases_, ncl_loss, ncl_loss_embeddings
 from .nn import NCLLoss
 from .sinkhorn import (
-                       SinkhornConvergenceError,
-                       SinkhornConvergenceWarning,
-                       SinkhornResult,
-                       sinkhorn,
-                       sinkhorn_embeddings,
+    SinkhornConvergenceError,
+    SinkhornConvergenceWarning,
+    SinkhornResult,
+    sinkhorn,
+    sinkhorn_embeddings,
 )
 
 __version__ = "0.1.0"

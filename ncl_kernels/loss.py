@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops
-from . import _validate as V
+from . import _ops, _validate as V
 from .backends import get as get_backend
 
 Tensor = torch.Tensor

@@ -40,7 +40,9 @@ pytestmark = [pytest.mark.triton,
 # The CPU suites, re-run here with backend="triton" (the fixture override below).
 from test_loss import (  # noqa: E402,F401
     test_apply_biases_in_place,
+    test_cosine_scores_extreme_scales_stay_finite as test_loss_extreme_scales,
     test_embedding_gradient_only_where_needed,
+    test_embeddings_match_oracle_and_dense as test_loss_embeddings_match_oracle,
     test_inplace_backward_on_strided_view,
     test_inplace_backward_overwrites_exactly_when_asked,
     test_loss_and_gradients_match_oracle,
@@ -57,9 +59,18 @@ from test_numerics import (  # noqa: E402,F401
 )
 from test_properties import (  # noqa: E402,F401
     test_loss_with_zero_iterations_is_clip as test_property_zero_iterations_is_clip,
+    test_permuting_rows_and_columns_permutes_the_potentials,
+    test_shifting_one_row_shifts_only_its_potential,
+    test_streaming_equals_dense as test_property_streaming_equals_dense,
 )
 from test_sinkhorn import (  # noqa: E402,F401
     test_cosine_scores_extreme_scales_stay_finite as test_sinkhorn_extreme_scales,
+    test_embeddings_match_oracle_and_dense as test_sinkhorn_embeddings_match_oracle,
+    test_fixed_iterations_match_oracle,
+    test_infeasible_row_and_column_are_named,
+    test_masses_masks_and_warm_start,
+    test_row_strided_view,
+    test_zero_mass_rows_and_columns,
 )
 
 _LANE = "runs in the interpreter lane (test_interpreter_lane, TRITON_INTERPRET=1)"

@@ -16,9 +16,7 @@ from typing import Dict
 
 import torch
 
-from . import cpu as _cpu
-from . import cuda as _cuda
-from . import triton as _triton
+from . import cpu as _cpu, cuda as _cuda, triton as _triton
 from .base import Backend
 from .torch import TorchBackend
 
