@@ -103,8 +103,10 @@ def blocks(request, monkeypatch):
 def test_interpreter_lane():
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         "tests/test_triton.py"],
-        capture_output=True, text=True, cwd=str(ROOT), timeout=900,
+         "test_triton.py"],
+        # from tests/, not the root: `python -m` puts the working directory first on
+        # sys.path, and the root's ncl_kernels/ is the source tree, not the installed package
+        capture_output=True, text=True, cwd=str(ROOT / "tests"), timeout=900,
         env=child_env(TRITON_INTERPRET="1", NCL_PROPERTY_EXAMPLES="6"))
     tail = (done.stdout + done.stderr)[-6000:]
     assert done.returncode == 0, tail
