@@ -348,6 +348,22 @@ def _compute_dtype(dtype):
 
 # -- checks -------------------------------------------------------------------------------
 
+def unit_rows(n: int, d: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """``n`` seeded random unit vectors of size ``d`` (cosine-score embeddings), on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
+
+
+def cosine_scores(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A seeded n x n cosine score matrix on DEVICE, in ``dtype``.
+
+    The product runs on the device: at GPU sizes the CPU would take seconds.
+    """
+    x = unit_rows(n, 64, 0, torch.float32).to(DEVICE)
+    y = unit_rows(n, 64, 1, torch.float32).to(DEVICE)
+    return (x @ y.T).to(dtype)
+
+
 def rel_err(a, b) -> float:
     """Norm-wise relative error of ``a`` against ``b``, in float64 on b's device."""
     b = torch.as_tensor(b).detach().double()

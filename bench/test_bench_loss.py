@@ -30,9 +30,11 @@ from harness import (
     SCALE,
     SIZE,
     STREAM_DTYPES,
+    cosine_scores,
     expect_close,
     ours_backends,
     run_case,
+    unit_rows,
 )
 
 N = SIZE.dense
@@ -41,11 +43,6 @@ ITERS = 4
 ORACLE = N * N <= ORACLE_MAX_ELEMS
 ORACLE_S = NS * NS <= ORACLE_MAX_ELEMS
 PEERS = ["eager", "compile"]
-
-
-def _unit(n, d, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
 
 
 def _reference(loss_fn, leaves, scale):
@@ -60,9 +57,7 @@ def _reference(loss_fn, leaves, scale):
 @pytest.fixture(scope="module", params=DTYPES, ids=lambda d: str(d)[6:])
 def dense(request):
     dtype = request.param
-    # the product on the device: at GPU sizes the CPU would take seconds
-    S = (_unit(N, 64, 0, torch.float32).to(DEVICE) @ _unit(N, 64, 1, torch.float32).to(DEVICE).T)
-    S = S.to(dtype)
+    S = cosine_scores(N, dtype)
     scale = torch.tensor(SCALE, device=DEVICE)
     if ORACLE:
         expected = _reference(lambda s_, c: ref.ncl_loss(s_, c, n_iters=ITERS), [S], scale)
@@ -74,7 +69,7 @@ def dense(request):
 @pytest.fixture(scope="module", params=STREAM_DTYPES, ids=lambda d: str(d)[6:])
 def stream(request):
     dtype = request.param
-    x, y = _unit(NS, D, 2, dtype).to(DEVICE), _unit(NS, D, 3, dtype).to(DEVICE)
+    x, y = unit_rows(NS, D, 2, dtype).to(DEVICE), unit_rows(NS, D, 3, dtype).to(DEVICE)
     scale = torch.tensor(SCALE, device=DEVICE)
     fn = (lambda x_, y_, c: ref.ncl_loss_embeddings(x_, y_, c, n_iters=ITERS)) if ORACLE_S \
         else (lambda x_, y_, c: peers.clip_ncl_loss_embeddings(x_, y_, c, ITERS))

@@ -25,6 +25,7 @@ from harness import (
     expect_close,
     ours_backends,
     run_case,
+    unit_rows,
 )
 
 K, M, Q, D = SIZE.bank, SIZE.gallery, SIZE.queries, SIZE.dim
@@ -33,15 +34,10 @@ ORACLE = K * M <= ORACLE_MAX_ELEMS
 ORACLE_RANKS = Q * M <= ORACLE_MAX_ELEMS
 
 
-def _unit(n, d, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
-
-
 @pytest.fixture(scope="module", params=STREAM_DTYPES, ids=lambda d: str(d)[6:])
 def bank_gallery(request):
     dtype = request.param
-    bank, gallery = _unit(K, D, 5, dtype).to(DEVICE), _unit(M, D, 6, dtype).to(DEVICE)
+    bank, gallery = unit_rows(K, D, 5, dtype).to(DEVICE), unit_rows(M, D, 6, dtype).to(DEVICE)
     if ORACLE:
         expected = ref.gallery_bias(bank, gallery, SCALE, n_iters=ITERS, tol=None)
     else:
@@ -81,7 +77,7 @@ def test_gallery_bias(benchmark, roofs, bank_gallery, impl):
 @pytest.fixture(scope="module", params=STREAM_DTYPES, ids=lambda d: str(d)[6:])
 def queries_gallery(request):
     dtype = request.param
-    queries, gallery = _unit(Q, D, 7, dtype), _unit(M, D, 8, dtype)
+    queries, gallery = unit_rows(Q, D, 7, dtype), unit_rows(M, D, 8, dtype)
     # queries near their targets so the ranks spread over 1..M rather than all ~M/2
     targets = torch.randint(0, M, (Q,), generator=torch.Generator().manual_seed(9))
     queries = torch.nn.functional.normalize(queries.float() + 0.1 * gallery[targets].float()

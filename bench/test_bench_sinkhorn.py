@@ -26,9 +26,11 @@ from harness import (
     SCALE,
     SIZE,
     STREAM_DTYPES,
+    cosine_scores,
     expect_close,
     ours_backends,
     run_case,
+    unit_rows,
 )
 
 N = SIZE.dense
@@ -40,17 +42,10 @@ DENSE_PEERS = ["eager", "compile", "pot"]
 STREAM_PEERS = ["eager", "compile", "keops", "flash-sinkhorn"]
 
 
-def _unit(n, d, seed, dtype):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dtype)
-
-
 @pytest.fixture(scope="module", params=DTYPES, ids=lambda d: str(d)[6:])
 def dense(request):
     dtype = request.param
-    # the product on the device: at GPU sizes the CPU would take seconds
-    S = (_unit(N, 64, 0, torch.float32).to(DEVICE) @ _unit(N, 64, 1, torch.float32).to(DEVICE).T)
-    S = S.to(dtype)
+    S = cosine_scores(N, dtype)
     if ORACLE:
         expected = ref.sinkhorn(S, SCALE, n_iters=ITERS, tol=None)
     else:
@@ -61,7 +56,7 @@ def dense(request):
 @pytest.fixture(scope="module", params=STREAM_DTYPES, ids=lambda d: str(d)[6:])
 def stream(request):
     dtype = request.param
-    x, y = _unit(NS, D, 2, dtype).to(DEVICE), _unit(NS, D, 3, dtype).to(DEVICE)
+    x, y = unit_rows(NS, D, 2, dtype).to(DEVICE), unit_rows(NS, D, 3, dtype).to(DEVICE)
     if ORACLE_S:
         expected = ref.sinkhorn_embeddings(x, y, SCALE, n_iters=ITERS, tol=None)
     else:
