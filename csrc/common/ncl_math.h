@@ -32,6 +32,18 @@ enum DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 struct f16_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 
+// The dtype code -> (storage type, accumulation type) table of SPEC.md section 1, written
+// once for every CPU and CUDA entry point: `return FN<Storage, Acc>(args...)`, or the
+// statement ON_UNKNOWN for a code outside the table.
+#define NCL_DTYPE_SWITCH(dtype, FN, ON_UNKNOWN, ...)                   \
+  switch (dtype) {                                                    \
+    case ::ncl::F32: return FN<float, float>(__VA_ARGS__);            \
+    case ::ncl::F64: return FN<double, double>(__VA_ARGS__);          \
+    case ::ncl::F16: return FN<::ncl::f16_t, float>(__VA_ARGS__);     \
+    case ::ncl::BF16: return FN<::ncl::bf16_t, float>(__VA_ARGS__);   \
+    default: ON_UNKNOWN;                                              \
+  }
+
 // INFINITY (a float constant) rather than std::numeric_limits, which is not callable from
 // device code without --expt-relaxed-constexpr.
 template <typename T> NCL_HD T neg_inf() { return T(-INFINITY); }

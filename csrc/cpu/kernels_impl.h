@@ -484,14 +484,8 @@ void apply_biases_typed(void* S, int64_t n, int64_t m, int64_t rs, double scale,
 }  // namespace
 
 // ---------------------------------------------------------------- entry points
-#define NCL_DISPATCH_DTYPE(what, dtype, FN, ...)                                 \
-  switch (dtype) {                                                              \
-    case F32: return FN<float, float>(__VA_ARGS__);                             \
-    case F64: return FN<double, double>(__VA_ARGS__);                           \
-    case F16: return FN<f16_t, float>(__VA_ARGS__);                             \
-    case BF16: return FN<bf16_t, float>(__VA_ARGS__);                           \
-    default: bad_dtype(what, dtype);                                            \
-  }
+#define NCL_DISPATCH_DTYPE(what, dtype, FN, ...) \
+  NCL_DTYPE_SWITCH(dtype, FN, bad_dtype(what, dtype), __VA_ARGS__)
 
 void row_lse(const void* S, int64_t n, int64_t m, int64_t rs, int dtype, double scale,
              const void* g, void* out, void* out_sum, int n_threads) {

@@ -89,13 +89,8 @@ cudaError_t launch(void* S, int64_t n, int64_t m, int64_t row_stride, double sca
 cudaError_t apply_biases_cuda(void* S, int64_t n, int64_t m, int64_t row_stride, int dtype,
                               double scale, const void* f, const void* g, cudaStream_t stream) {
   if (n == 0 || m == 0) return cudaSuccess;
-  switch (dtype) {
-    case F32: return launch<float, float>(S, n, m, row_stride, scale, f, g, stream);
-    case F64: return launch<double, double>(S, n, m, row_stride, scale, f, g, stream);
-    case F16: return launch<f16_t, float>(S, n, m, row_stride, scale, f, g, stream);
-    case BF16: return launch<bf16_t, float>(S, n, m, row_stride, scale, f, g, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  NCL_DTYPE_SWITCH(dtype, launch, return cudaErrorInvalidValue,
+                   S, n, m, row_stride, scale, f, g, stream)
 }
 
 }  // namespace cuda

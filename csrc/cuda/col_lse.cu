@@ -193,13 +193,8 @@ cudaError_t col_lse_cuda(const void* S, int64_t n, int64_t m, int64_t row_stride
                          double scale, const void* f, void* out, void* work, int64_t n_slabs,
                          cudaStream_t stream) {
   if (m == 0) return cudaSuccess;
-  switch (dtype) {
-    case F32: return launch<float, float>(S, n, m, row_stride, scale, f, out, work, n_slabs, stream);
-    case F64: return launch<double, double>(S, n, m, row_stride, scale, f, out, work, n_slabs, stream);
-    case F16: return launch<f16_t, float>(S, n, m, row_stride, scale, f, out, work, n_slabs, stream);
-    case BF16: return launch<bf16_t, float>(S, n, m, row_stride, scale, f, out, work, n_slabs, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  NCL_DTYPE_SWITCH(dtype, launch, return cudaErrorInvalidValue,
+                   S, n, m, row_stride, scale, f, out, work, n_slabs, stream)
 }
 
 }  // namespace cuda

@@ -152,21 +152,8 @@ int64_t ncl_grad_blocks(int64_t n, int64_t m) { return row_grid(n, m, kMaxBlocks
 cudaError_t ncl_grad_cuda(const GradPtrs& p, int64_t n, int64_t m, int64_t row_stride,
                           int64_t out_row_stride, int dtype, double scale, int64_t row_offset,
                           int64_t work_capacity, cudaStream_t stream) {
-  switch (dtype) {
-    case F32:
-      return launch<float, float>(p, n, m, row_stride, out_row_stride, scale, row_offset,
-                                  work_capacity, stream);
-    case F64:
-      return launch<double, double>(p, n, m, row_stride, out_row_stride, scale, row_offset,
-                                    work_capacity, stream);
-    case F16:
-      return launch<f16_t, float>(p, n, m, row_stride, out_row_stride, scale, row_offset,
-                                  work_capacity, stream);
-    case BF16:
-      return launch<bf16_t, float>(p, n, m, row_stride, out_row_stride, scale, row_offset,
-                                   work_capacity, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  NCL_DTYPE_SWITCH(dtype, launch, return cudaErrorInvalidValue,
+                   p, n, m, row_stride, out_row_stride, scale, row_offset, work_capacity, stream)
 }
 
 }  // namespace cuda

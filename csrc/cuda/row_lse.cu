@@ -111,13 +111,8 @@ cudaError_t launch(const void* S, int64_t n, int64_t m, int64_t row_stride, doub
 cudaError_t row_lse_cuda(const void* S, int64_t n, int64_t m, int64_t row_stride, int dtype,
                          double scale, const void* g, void* out, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;  // an empty grid is a launch error; nothing to do anyway
-  switch (dtype) {
-    case F32: return launch<float, float>(S, n, m, row_stride, scale, g, out, stream);
-    case F64: return launch<double, double>(S, n, m, row_stride, scale, g, out, stream);
-    case F16: return launch<f16_t, float>(S, n, m, row_stride, scale, g, out, stream);
-    case BF16: return launch<bf16_t, float>(S, n, m, row_stride, scale, g, out, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  NCL_DTYPE_SWITCH(dtype, launch, return cudaErrorInvalidValue,
+                   S, n, m, row_stride, scale, g, out, stream)
 }
 
 }  // namespace cuda
