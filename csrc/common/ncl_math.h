@@ -10,6 +10,7 @@
 #include <cstring>
 
 #ifdef __CUDACC__
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define NCL_HD __host__ __device__ __forceinline__
 #elif defined(__GNUC__)
@@ -99,9 +100,13 @@ NCL_HD uint32_t float_as_bits(float f) {
 
 // float32 -> bf16, round to nearest even (as torch rounds); NaN stays a (quiet) NaN.
 NCL_HD bf16_t to_bf16(float f) {
+#ifdef __CUDA_ARCH__
+  return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(f))};
+#else
   const uint32_t u = float_as_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{uint16_t((u >> 16) | 0x40u)};
   return bf16_t{uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+#endif
 }
 
 // float32 -> fp16, round to nearest even, subnormals and overflow to inf included

@@ -1,8 +1,7 @@
 // device_utils.cuh — device-side helpers shared by the CUDA kernels (nvcc only).
 //
-// * storage <-> accumulator conversion (to_float comes from common/ncl_math.h; the
-//   round-to-nearest-even store back to fp16/bf16 is here, because only the CUDA kernels
-//   write low-precision storage so far — move it to common/ once the CPU side needs it);
+// * storage <-> accumulator conversion (to_float and store_acc come from
+//   common/ncl_math.h, shared with the CPU kernels);
 // * logits formed with explicitly rounded multiply/add, so that every kernel (row_lse,
 //   col_lse, ncl_grad, apply_biases) and PyTorch round them identically: nvcc would
 //   otherwise contract `scale * x + g` into one FMA in one kernel and not in another, and
@@ -46,18 +45,13 @@ inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block
 }
 
 // ---------------------------------------------------------------- conversions
-__device__ __forceinline__ float from_acc(float x, float*) { return x; }
-__device__ __forceinline__ double from_acc(double x, double*) { return x; }
-__device__ __forceinline__ f16_t from_acc(float x, f16_t*) {
-  return f16_t{__half_as_ushort(__float2half_rn(x))};
-}
-__device__ __forceinline__ bf16_t from_acc(float x, bf16_t*) {
-  return bf16_t{__bfloat16_as_ushort(__float2bfloat16_rn(x))};
-}
-// store_as<Storage>(x): the accumulator value rounded to the storage type.
+// store_as<Storage>(x): the accumulator value rounded to the storage type (store_acc of
+// common/ncl_math.h: the device's round-to-nearest-even conversions).
 template <typename Storage, typename Acc>
 __device__ __forceinline__ Storage store_as(Acc x) {
-  return from_acc(x, static_cast<Storage*>(nullptr));
+  Storage out;
+  store_acc(x, &out);
+  return out;
 }
 
 template <typename Storage>
