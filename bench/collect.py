@@ -1,7 +1,8 @@
 """Turn pytest-benchmark JSON into this project's results records and tables.
 
     pytest bench/ --benchmark-only --benchmark-json run.json
-    python bench/collect.py run.json [more.json ...] [--out FILE | --out-dir DIR] [--markdown]
+    python bench/collect.py run.json [more.json | records.jsonl ...] [--out FILE | --out-dir DIR]
+                            [--markdown]
 
 Writes ``bench/results/<date>-<machine>.json`` (or ``--out``): a list of records
 
@@ -29,6 +30,26 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def make_record(info: dict, median_s: float, min_s: float, rounds, date: str,
+                test=None) -> dict:
+    """One results record from a case's ``extra_info`` and its timing statistics."""
+    scale = 1e12 if info["unit"] == "TFLOP/s" else 1e9
+    achieved = info["work"] / median_s / scale
+    return {
+        "op": info["op"], "backend": info["backend"], "shape": info["shape"],
+        "dtype": info["dtype"], "time_ms": median_s * 1e3, "achieved": achieved,
+        "unit": info["unit"], "roof": info["roof"], "roof_ratio": achieved / info["roof"],
+        "gpu": info.get("gpu"), "date": date,
+        "ours": info.get("ours", True), "machine": info.get("machine"),
+        "time_ms_min": min_s * 1e3, "rounds": rounds,
+        "peak_mem_bytes": info.get("peak_mem_bytes"),
+        "peak_mem_method": info.get("peak_mem_method"), "bytes": info.get("bytes"),
+        "flops": info.get("flops"), "roof_kind": info.get("roof_kind"),
+        "check": info.get("check"), "note": info.get("note"), "size": info.get("size"),
+        "threads": info.get("threads"), "roofs": info.get("roofs"), "test": test,
+    }
+
+
 def records(data: dict) -> list:
     """The records of one pytest-benchmark JSON document (cases without stats are left out)."""
     date = data.get("datetime", "")[:10]
@@ -38,24 +59,19 @@ def records(data: dict) -> list:
         stats = bench.get("stats") or {}
         if "op" not in info or "median" not in stats:
             continue
-        seconds = stats["median"]
-        scale = 1e12 if info["unit"] == "TFLOP/s" else 1e9
-        achieved = info["work"] / seconds / scale
-        out.append({
-            "op": info["op"], "backend": info["backend"], "shape": info["shape"],
-            "dtype": info["dtype"], "time_ms": seconds * 1e3, "achieved": achieved,
-            "unit": info["unit"], "roof": info["roof"], "roof_ratio": achieved / info["roof"],
-            "gpu": info.get("gpu"), "date": date,
-            "ours": info.get("ours", True), "machine": info.get("machine"),
-            "time_ms_min": stats["min"] * 1e3, "rounds": stats.get("rounds"),
-            "peak_mem_bytes": info.get("peak_mem_bytes"),
-            "peak_mem_method": info.get("peak_mem_method"), "bytes": info.get("bytes"),
-            "flops": info.get("flops"), "roof_kind": info.get("roof_kind"),
-            "check": info.get("check"), "note": info.get("note"), "size": info.get("size"),
-            "threads": info.get("threads"), "roofs": info.get("roofs"),
-            "test": bench.get("fullname"),
-        })
+        out.append(make_record(info, stats["median"], stats["min"], stats.get("rounds"),
+                               date, bench.get("fullname")))
     return out
+
+
+def read_records(name: str) -> list:
+    """Records from a pytest-benchmark JSON file, or from a ``.jsonl`` file of records
+    (one per line, as the harness appends them when ``NCL_BENCH_RECORDS`` is set: these
+    survive a suite that was killed before pytest-benchmark wrote its JSON)."""
+    with open(name) as fh:
+        if name.endswith(".jsonl"):
+            return [json.loads(line) for line in fh if line.strip()]
+        return records(json.load(fh))
 
 
 def _slug(text: str) -> str:
@@ -120,19 +136,25 @@ def markdown(recs: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark --benchmark-json files, "
+                        "or .jsonl files of records (NCL_BENCH_RECORDS)")
     parser.add_argument("--out", type=Path, help="output file (default: results/<date>-"
                         "<machine>.json in --out-dir)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--markdown", action="store_true", help="also print the tables")
     args = parser.parse_args(argv)
-    recs = []
+    recs, seen = [], set()
     for name in args.json:
         try:
-            with open(name) as fh:
-                recs += records(json.load(fh))
+            found = read_records(name)
         except (OSError, json.JSONDecodeError) as exc:  # a step that died: keep the rest
             print(f"collect: skipping {name}: {exc}", file=sys.stderr)
+            continue
+        for rec in found:  # a case found in both a JSON and a .jsonl file counts once
+            key = rec.get("test") or id(rec)
+            if key not in seen:
+                seen.add(key)
+                recs.append(rec)
     if not recs:
         print("collect: no benchmark records found", file=sys.stderr)
         return 1

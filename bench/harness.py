@@ -14,6 +14,9 @@ Environment:
     NCL_BENCH_TIME    target seconds of timed rounds per case (default 1.0 CPU, 0.5 GPU)
     NCL_BENCH_ORACLE_MAX  score elements above which checks use float32 formulas or peers
                       instead of the float64 oracle (default 2**28)
+    NCL_BENCH_RECORDS a file to which each timed case appends its record as one JSON line
+                      the moment it is measured (bench/run_device.sh: a suite killed by its
+                      timeout keeps the cases it finished)
 """
 
 from __future__ import annotations
@@ -329,7 +332,25 @@ def run_case(benchmark, roofs: dict, *, op: str, backend: str, fn: Callable[[], 
         achieved = work / seconds / scale
         info.update(time_ms=seconds * 1e3, achieved=achieved,
                     roof_ratio=achieved / (roof_value / scale))
+        _append_record(info, stats.stats, benchmark)
     benchmark.extra_info.update(info)
+
+
+def _append_record(info: dict, stats, benchmark) -> None:
+    path = os.environ.get("NCL_BENCH_RECORDS")
+    if not path:
+        return
+    import json
+
+    from collect import make_record
+
+    rec = make_record(info, stats.median, stats.min, stats.rounds,
+                      time.strftime("%Y-%m-%d"), getattr(benchmark, "fullname", None))
+    with open(path, "a") as fh:
+        fh.write(json.dumps(rec) + "\n")
+    print(f"\n[record] {rec['op']} {rec['backend']} {rec['shape']} {rec['dtype']}: "
+          f"{rec['time_ms']:.3f} ms, {rec['achieved']:.3g} {rec['unit']} "
+          f"({100 * rec['roof_ratio']:.1f}% of roof)", flush=True)
 
 
 def _synced(fn):

@@ -1,6 +1,7 @@
 """The backend checks on CUDA tensors: skipped (by marker, not at import) without a GPU.
 
-Every dense primitive of every GPU backend (``torch`` always, ``cuda`` when built) against
+Every dense primitive of every GPU backend (``torch`` always, ``cuda`` and ``triton`` when
+usable) against
 the float64 oracle in ``python_ref``, with SPEC.md section 5 tolerances: every storage
 dtype, awkward shapes (1, 7, 67, 1031; rows of >= 4096 elements take the block-per-row
 path; tall-thin blocks take col_lse's two-stage path), three layouts (contiguous; a view
@@ -36,15 +37,14 @@ NEG_INF = float("-inf")
 SCALE = 7.0
 
 
+def kernel_backends():
+    """Our own GPU kernels (not the torch composition): the ones usable here."""
+    report = nk.backends()
+    return [name for name in ("cuda", "triton") if report[name]["usable"]]
+
+
 def gpu_backends():
-    names = ["torch"]
-    if nk.backends()["cuda"]["usable"]:
-        names.append("cuda")
-    return names
-
-
-def cuda_only():
-    return ["cuda"] if nk.backends()["cuda"]["usable"] else []
+    return ["torch"] + kernel_backends()
 
 
 # (1, 7) and (7, 1): single rows/columns; (3, 4099), (2, 8200): a block per row with a
@@ -295,7 +295,7 @@ def test_apply_biases(backend, dtype, shape, layout, which):
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_apply_biases_rounds_like_pytorch(backend, dtype, layout):
     """The logits are rounded (s * x, + f_i, + g_j, to storage) exactly as PyTorch does."""
     ours = check_apply_biases(backend, "cuda", dtype, (67, 1031), layout, "fg")
@@ -303,13 +303,13 @@ def test_apply_biases_rounds_like_pytorch(backend, dtype, layout):
     assert torch.equal(ours, torch_be)
 
 
-@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_misaligned_column_vectors(backend, dtype):
     check_misaligned_column_vectors(backend, "cuda", dtype)
 
 
-@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_one_by_one_gradient_is_exactly_zero(backend, dtype):
     """A 1 x 1 block: both softmaxes are exactly 1, so G = 0 and dscale = 0 exactly (the
@@ -328,7 +328,7 @@ def test_one_by_one_gradient_is_exactly_zero(backend, dtype):
 
 
 # ---------------------------------------------------------------- properties
-@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(5000, 7), (1031, 4099)])
 def test_deterministic(backend, dtype, shape):
@@ -342,7 +342,7 @@ def test_deterministic(backend, dtype, shape):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_no_host_synchronization(backend):
     """No primitive synchronizes the host with the device (torch's sync debug mode raises
     on any synchronizing PyTorch call; the kernels' launchers never synchronize)."""
@@ -363,7 +363,7 @@ def test_no_host_synchronization(backend):
         torch.cuda.set_sync_debug_mode(before)
 
 
-@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_runs_on_the_callers_stream(backend):
     S, _, args, _ = grad_problem("cuda", torch.float32, (1031, 67), "contiguous")
     be = backend_for(backend, S.device)
@@ -382,7 +382,7 @@ def test_runs_on_the_callers_stream(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", cuda_only())
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_int64_indexing_past_2_31_elements(backend):
     """65539 x 32777 bfloat16 (2.1e9 elements > 2^31, 4.3 GB): rows past element 2^31 are
     reduced, updated and written correctly (a 32-bit index would wrap)."""
