@@ -5,33 +5,35 @@
 #
 # 1. installs carried wheels (optional peers: flash-sinkhorn, inf-cl, POT) from .whl/,
 # 2. builds ncl_kernels with CUDA for sm_90 (H100/H200) into the machine's python3,
-# 3. runs the GPU tests (tests marked gpu or triton; pytest-xdist when the image has it),
+# 3. runs the GPU tests (marked gpu or triton) except the big per-primitive matrix,
 # 4. runs the GPU benchmarks at sizes that fill an H200 (NCL_BENCH_SIZE=gpu: 32768^2 dense,
-#    65536^2 x 512 streaming), cheap cases first and torch.compile peers last, then
-#    compute-sanitizer (bench/sanitize_cuda.sh) and the Triton entry points' own bench,
-# 5. writes under OUTDIR (at most 8 files, the most a device call brings back):
-#    log.txt (everything), gpu-tests.xml (junit, per-test times), records.jsonl (each
-#    benchmark record appended the moment it is measured, so a suite killed by its timeout
-#    keeps what it finished), triton-bench.jsonl, results.json (bench/collect.py records)
-#    and results.md (tables).
+#    65536^2 x 512 streaming), compute-sanitizer memcheck, the torch.compile peers,
+# 5. with what is left of the budget: the per-primitive test matrix (marked matrix, about
+#    4,000 cases), racecheck, and (TRITON_BENCH=1) the Triton entry points' own bench,
+# 6. writes under OUTDIR (at most 8 files, the most a device call brings back): log.txt
+#    (everything), gpu-tests.xml and gpu-matrix.xml (junit, per-test times), records.jsonl
+#    (each benchmark record appended the moment it is measured, so a suite killed by its
+#    timeout keeps what it finished), results.json (bench/collect.py records), results.md
+#    (tables) and, with TRITON_BENCH=1, triton-bench.jsonl.
 #
 # Optional peers: the device machine has no network. Download the wheels here first
-# (see bench/RESULTS.md, "GPU runs"), into .whl/ (git-ignored through .git/info/exclude),
-# and name .whl in the device call's carry.
+# (bench/RESULTS.md, "GPU"), into .whl/ (git-ignored through .git/info/exclude), and name
+# .whl in the device call's carry.
 #
-# Overrides (for a dry run of the script's mechanics on a CPU machine): PYTHON,
-# NCL_BENCH_SIZE, NCL_BENCH_DEVICE, NCL_BENCH_TIME, BUDGET_S, SKIP_BUILD=1, XDIST (workers
-# for the GPU tests, 0 = off).
+# Environment: BUDGET_S (default 450: the script stops starting steps after it, so the run
+# ends within 8 minutes), ONLY="step names" (run just those, e.g. ONLY="build backends
+# gpu-matrix" for a session that only needs the test matrix), XDIST (pytest-xdist workers
+# for the tests, default 6, 0 = off), TRITON_BENCH=1; for a dry run of the mechanics on a
+# CPU machine: PYTHON, NCL_BENCH_SIZE, NCL_BENCH_DEVICE, NCL_BENCH_TIME, SKIP_BUILD=1.
 #
-# Budget: the whole script stops starting steps after BUDGET_S (default 540 s, inside a
-# 600 s device call) and each step has its own timeout, so a hung or slow step costs only
-# its slot. It never stops at a failing step, and collects whatever benchmark records exist
-# at the end. Exit status: 0 when the build, the tests and every benchmark step passed.
+# Each step has its own timeout, so a hung or slow step costs only its slot. The script
+# never stops at a failing step and collects whatever benchmark records exist at the end.
+# Exit status: 0 when every step that ran passed.
 set -u
 set -o pipefail
 
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-540}
+BUDGET_S=${BUDGET_S:-450}
 OUTDIR=${1:-${OUT:-/tmp/ncl-device-out}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -42,7 +44,7 @@ export NCL_BENCH_SIZE=${NCL_BENCH_SIZE:-gpu}
 export NCL_BENCH_DEVICE=${NCL_BENCH_DEVICE:-cuda}
 export NCL_BENCH_TIME=${NCL_BENCH_TIME:-0.3}
 export NCL_BENCH_RECORDS="$OUTDIR/records.jsonl"
-XDIST=${XDIST:-12}
+XDIST=${XDIST:-6}
 cd "$(dirname "$0")/.."
 : > "$LOG"
 : > "$NCL_BENCH_RECORDS"
@@ -51,10 +53,17 @@ FAILED=()
 log() { echo "[$(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$LOG"; }
 
 # step NAME SECONDS CMD...: run CMD with a timeout of min(SECONDS, time left in the budget);
-# SIGINT first, so that a pytest cut short still prints its summary and writes its junit XML
+# SIGINT first, so that a pytest cut short still prints its summary and writes its junit XML.
+# Each step is a job of its own process group (set -m), killed whole when it ends: on the
+# first device run, pytest-xdist workers outlived an interrupted test step and held about
+# 100 GiB of GPU memory, so the next benchmark suite ran out of memory.
+set -m
 step() {
     local name=$1 limit=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        return 0  # not asked for in this run
+    fi
     local left=$(( BUDGET_S - ($(date +%s) - START) ))
     if (( left < 20 )); then
         log "SKIP $name: budget spent (${left}s left)"
@@ -63,15 +72,25 @@ step() {
     fi
     (( limit > left )) && limit=$left
     log "BEGIN $name (timeout ${limit}s): $*"
-    timeout --signal=INT --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1
+    timeout --signal=INT --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1 &
+    local pid=$!
+    wait "$pid"
     local rc=$?
+    kill -KILL -- "-$pid" 2> /dev/null && log "killed what $name left running"
     if (( rc == 0 )); then
-        log "END $name: ok"
+        log "END $name: ok$(gpu_memory)"
     else
-        (( rc == 124 || rc == 137 )) && log "END $name: TIMED OUT" || log "END $name: rc=$rc"
+        (( rc == 124 || rc == 137 )) && log "END $name: TIMED OUT$(gpu_memory)" \
+            || log "END $name: rc=$rc$(gpu_memory)"
         FAILED+=("$name")
     fi
     return $rc
+}
+
+gpu_memory() {
+    command -v nvidia-smi > /dev/null || return 0
+    echo "; GPU memory used $(nvidia-smi --query-gpu=memory.used --format=csv,noheader \
+        2> /dev/null | head -1)"
 }
 
 log "ncl_kernels device run -> $OUTDIR (budget ${BUDGET_S}s, sizes $NCL_BENCH_SIZE)"
@@ -95,27 +114,41 @@ step build 240 env NCL_CUDA=ON "$PY" -m pip install --no-build-isolation --no-de
 step backends 30 "$PY" -c "import ncl_kernels as nk; import json; \
 print(json.dumps(nk.backends(), indent=1)); assert nk.backends()['cuda']['usable']"
 
+# Tests: the properties and end-to-end checks first, then (budget permitting) the large
+# per-primitive matrix. pytest-xdist when the image has it: Triton compiles on the host. Few
+# workers with few threads each: on the first run 12 workers x 16 BLAS threads on 16 cores
+# (and 12 CUDA contexts time-slicing one GPU) made single small cases take 10-20 s.
 xdist=()
 if (( XDIST > 0 )) && "$PY" -c "import xdist" 2> /dev/null; then
-    xdist=(-n "$XDIST")  # Triton compiles on the host: spread it over the cores
+    xdist=(-n "$XDIST")
 fi
-step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or triton" tests \
-    "${xdist[@]}" -rfEs --tb=short --durations=15 --junitxml="$OUTDIR/gpu-tests.xml"
+tests() {  # tests NAME SECONDS MARKEXPR
+    step "$1" "$2" env OMP_NUM_THREADS=2 "$PY" -m pytest -q -p no:cacheprovider -m "$3" tests \
+        "${xdist[@]}" -rfEs --tb=short --durations=10 --junitxml="$OUTDIR/$1.xml"
+}
+tests gpu-tests 100 "(gpu or triton) and not matrix"
 
 # Benchmarks: one pytest per suite (a timeout loses only the rest of that suite: every
 # finished case is already in records.jsonl); the torch.compile peers, whose compilation
-# takes tens of seconds each, go last.
-for suite in primitives sinkhorn loss; do
-    step "bench-$suite" 90 "$PY" -m pytest -q -p no:cacheprovider "bench/test_bench_$suite.py" \
-        --benchmark-only -k "not compile" --benchmark-columns=median,rounds -rs
-done
-step sanitize 45 env PYTHON="$PY" bash bench/sanitize_cuda.sh
-step bench-retrieval 60 "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_retrieval.py \
-    --benchmark-only -k "not compile" --benchmark-columns=median,rounds -rs
-step triton-bench 45 bash -c "'$PY' -m ncl_kernels.backends.triton.bench \
-    | tee '$OUTDIR/triton-bench.jsonl'"
-step bench-compile 90 "$PY" -m pytest -q -p no:cacheprovider bench/ --benchmark-only \
-    -k "compile" --benchmark-columns=median -rs
+# takes tens of seconds each, go last. Durations on the first H200 run: primitives 47 s,
+# sinkhorn 28 s (without its streaming cases), loss 46 s, retrieval 27 s, compile 83 s.
+bench() {  # bench NAME SECONDS PYTEST-ARGS...
+    local name=$1 limit=$2
+    shift 2
+    step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider --benchmark-only \
+        --benchmark-columns=median,rounds -rs "$@"
+}
+bench bench-primitives 70 bench/test_bench_primitives.py -k "not compile"
+bench bench-sinkhorn 90 bench/test_bench_sinkhorn.py -k "not compile"
+bench bench-loss 70 bench/test_bench_loss.py -k "not compile"
+bench bench-retrieval 45 bench/test_bench_retrieval.py -k "not compile"
+step memcheck 45 env PYTHON="$PY" TOOLS=memcheck bash bench/sanitize_cuda.sh
+bench bench-compile 100 bench/ -k "compile"
+tests gpu-matrix 300 "matrix"
+step racecheck 120 env PYTHON="$PY" TOOLS=racecheck bash bench/sanitize_cuda.sh
+# the Triton entry points' own measurements (ieee vs tf32x3 streaming loss): extra time only
+[ "${TRITON_BENCH:-0}" = 1 ] && step triton-bench 90 bash -c \
+    "'$PY' -m ncl_kernels.backends.triton.bench | tee '$OUTDIR/triton-bench.jsonl'"
 
 # Always: whatever records exist become results.json and results.md
 if [ -s "$NCL_BENCH_RECORDS" ]; then

@@ -250,7 +250,10 @@ def check_misaligned_column_vectors(backend, device, dtype):
     assert torch.equal(A, B)
 
 
+@pytest.mark.matrix
 # ---------------------------------------------------------------- the primitives
+# The full dtype x shape x layout matrix (marked ``matrix``: about 4,000 cases with three
+# backends, the bulk of a device run's test time; bench/run_device.sh runs them last).
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -260,6 +263,7 @@ def test_row_lse(backend, dtype, shape, layout, with_bias):
     check_row_lse(backend, "cuda", dtype, shape, layout, with_bias)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -269,6 +273,7 @@ def test_col_lse(backend, dtype, shape, layout, with_bias):
     check_col_lse(backend, "cuda", dtype, shape, layout, with_bias)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -284,6 +289,7 @@ def test_ncl_grad_row_offset(backend, dtype):
     check_ncl_grad_row_offset(backend, "cuda", dtype)
 
 
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
