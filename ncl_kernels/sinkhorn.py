@@ -144,7 +144,8 @@ def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters
             Ending at ``n_iters`` above ``tol`` warns (:class:`SinkhornConvergenceWarning`).
         init_g: warm start for ``g``.
         backend: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"`` (see
-            :func:`backends`; ``"auto"`` picks ``"cpu"`` for CPU tensors when it is built).
+            :func:`backends`; ``"auto"`` picks ``"cpu"`` for CPU tensors when it is built,
+            and for CUDA tensors the fastest of ``"cuda"``/``"triton"`` per primitive).
         strict: ending at ``n_iters`` above ``tol`` raises
             :class:`SinkhornConvergenceError` instead of warning (no effect with
             ``tol=None``).

@@ -23,8 +23,13 @@ from pathlib import Path
 import pytest
 import test_gpu as gpu
 import torch
+from test_auto_backend import use_as_auto
 
+import ncl_kernels as nk
+import python_ref as ref
 from ncl_kernels.backends import cuda as cuda_backend
+from ncl_kernels.backends.auto import AutoBackend
+from ncl_kernels.backends.torch import TorchBackend
 
 from conftest import STORAGE_DTYPES
 
@@ -161,6 +166,34 @@ def test_one_by_one_gradient_is_exactly_zero(emu, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_misaligned_column_vectors(emu, dtype):
     gpu.check_misaligned_column_vectors(emu, "cpu", dtype)
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_auto_mixes_the_cuda_kernels_with_another_backend(emu, monkeypatch, dtype):
+    """``backend="auto"``'s composite with these kernels on its ``cuda`` routes and the
+    torch backend standing in for ``triton`` (dense ``row_lse``): Sinkhorn and the loss
+    built from LSEs of one backend and gradients of the other match the oracle."""
+    parts = {"cuda": emu, "triton": TorchBackend(), "torch": TorchBackend()}
+    use_as_auto(monkeypatch, AutoBackend(("cuda", "triton"), parts.__getitem__))
+    S0 = gpu.random_scores(67, 45, dtype, seed=3)
+    out = nk.sinkhorn(S0, 10.0, n_iters=10, tol=None)
+    r64 = ref.sinkhorn(S0, 10.0, n_iters=10, tol=None)
+    r32 = ref.sinkhorn(S0, 10.0, n_iters=10, tol=None, dtype=torch.float32)
+    gpu.assert_close(out.f, r64.f, r32.f, dtype, "f")
+    gpu.assert_close(out.g, r64.g, r32.g, dtype, "g")
+    S = S0.clone().requires_grad_()
+    loss = nk.ncl_loss(S, 12.0)
+    loss.backward()
+    refs = []
+    for ref_dtype in (torch.float64, torch.float32):
+        leaf = S0.to(torch.float64 if ref_dtype == torch.float64 else dtype, copy=True)
+        leaf.requires_grad_()
+        value = ref.ncl_loss(leaf, 12.0, dtype=ref_dtype)
+        value.backward()
+        refs.append((value.detach(), leaf.grad))
+    (l64, g64), (l32, g32) = refs
+    gpu.assert_close(loss.detach(), l64, l32, dtype, "loss")
+    gpu.assert_close(S.grad, g64, g32, dtype, "dS")
 
 
 def test_col_lse_many_slabs_matches_one_slab(emu):

@@ -8,7 +8,9 @@ path; tall-thin blocks take col_lse's two-stage path), three layouts (contiguous
 with 16-byte aligned rows; a view with a misaligned base and row stride, which takes the
 scalar paths), -inf masks, in-place updates on fresh copies with the caller's padding
 checked untouched. Then the properties a fast path must keep: determinism, the caller's
-stream, no host synchronization, 64-bit indexing past 2^31 elements.
+stream, no host synchronization, 64-bit indexing past 2^31 elements. ``backend="auto"``
+(a mix of ``cuda`` and ``triton`` per primitive, ``backends/auto.py``) joins the property
+checks and the end-to-end checks against the oracle.
 
 The ``check_*`` functions take a device, so the same checks can be run on CPU tensors with
 the torch backend (a check of the checks).
@@ -45,6 +47,12 @@ def kernel_backends():
 
 def gpu_backends():
     return ["torch"] + kernel_backends()
+
+
+def auto_backends():
+    """``"auto"`` where it is the composite over our GPU kernels (without them it is the
+    torch backend, checked already)."""
+    return ["auto"] if kernel_backends() else []
 
 
 # (1, 7) and (7, 1): single rows/columns; (3, 4099), (2, 8200): a block per row with a
@@ -315,7 +323,7 @@ def test_misaligned_column_vectors(backend, dtype):
     check_misaligned_column_vectors(backend, "cuda", dtype)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends() + auto_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_one_by_one_gradient_is_exactly_zero(backend, dtype):
     """A 1 x 1 block: both softmaxes are exactly 1, so G = 0 and dscale = 0 exactly (the
@@ -334,7 +342,7 @@ def test_one_by_one_gradient_is_exactly_zero(backend, dtype):
 
 
 # ---------------------------------------------------------------- properties
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends() + auto_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(5000, 7), (1031, 4099)])
 def test_deterministic(backend, dtype, shape):
@@ -348,7 +356,7 @@ def test_deterministic(backend, dtype, shape):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends() + auto_backends())
 def test_no_host_synchronization(backend):
     """No primitive synchronizes the host with the device (torch's sync debug mode raises
     on any synchronizing PyTorch call; the kernels' launchers never synchronize)."""
@@ -369,7 +377,7 @@ def test_no_host_synchronization(backend):
         torch.cuda.set_sync_debug_mode(before)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends() + auto_backends())
 def test_runs_on_the_callers_stream(backend):
     S, _, args, _ = grad_problem("cuda", torch.float32, (1031, 67), "contiguous")
     be = backend_for(backend, S.device)
@@ -412,8 +420,8 @@ def test_int64_indexing_past_2_31_elements(backend):
 
 
 # ---------------------------------------------------------------- end to end
-@pytest.mark.parametrize("backend", gpu_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", gpu_backends() + auto_backends())
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (67, 45), (1031, 4099)])
 def test_sinkhorn_on_cuda(backend, dtype, shape):
     S = random_scores(*shape, dtype, seed=shape[1], strided=True)
@@ -424,7 +432,7 @@ def test_sinkhorn_on_cuda(backend, dtype, shape):
     assert_close(out.g.cpu(), r64.g, r32.g, dtype, "g")
 
 
-@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("backend", gpu_backends() + auto_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("inplace", [False, True])
 def test_loss_on_cuda(backend, dtype, inplace):
@@ -443,12 +451,13 @@ def test_loss_on_cuda(backend, dtype, inplace):
     assert_close(S.grad.cpu(), g64, g32, dtype, "dS")
 
 
-@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("backend", gpu_backends() + auto_backends())
 def test_embeddings_and_retrieval_on_cuda(backend):
     x, y = random_embeddings(300, 200, 64, torch.float32, seed=4)
     loss = nk.ncl_loss_embeddings(x.cuda(), y.cuda(), 20.0, backend=backend)
     assert rel_err(loss.cpu(), ref.ncl_loss_embeddings(x, y, 20.0)) < 1e-5
-    bias = nk.retrieval.gallery_bias(x.cuda(), y.cuda(), 20.0, n_iters=20, tol=None)
+    bias = nk.retrieval.gallery_bias(x.cuda(), y.cuda(), 20.0, n_iters=20, tol=None,
+                                     backend=backend)
     assert rel_err(bias.cpu(), ref.gallery_bias(x, y, 20.0, n_iters=20, tol=None)) < 1e-5
     targets = torch.arange(200)
     ranks = nk.retrieval.ranks(y.cuda(), x.cuda(), targets.cuda(), 20.0)

@@ -6,8 +6,13 @@
 * CPU tensors: ``"cpu"`` (the C++ module: fused one-pass kernels with a SIMD ``exp``,
   several times faster than the chunked PyTorch passes in every storage dtype) when it is
   built and loads; otherwise ``"torch"``;
-* CUDA tensors: ``"torch"``; the CUDA and Triton kernels join ``auto`` once they have been
-  measured on a GPU; until then name them explicitly.
+* CUDA tensors: when ``"cuda"`` or ``"triton"`` is usable, an :class:`~.auto.AutoBackend`
+  that runs each primitive on the backend measured fastest for it on an H200
+  (bench/RESULTS.md, GPU run 2026-11-28): Triton for dense ``row_lse`` and the streaming
+  LSE passes, the CUDA module for the other primitives and for all float64 work, each
+  falling back down a short preference list (``auto.py``) that ends in ``"torch"``;
+  ``get("auto", device).routes`` says what it picked. With neither usable, ``"torch"``;
+* other devices: ``"torch"``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Dict
 
 import torch
 
-from . import cpu as _cpu, cuda as _cuda, triton as _triton
+from . import auto as _auto, cpu as _cpu, cuda as _cuda, triton as _triton
 from .base import Backend
 from .torch import TorchBackend
 
@@ -64,11 +69,30 @@ def _instance(name: str) -> Backend:
     return _instances[name]
 
 
+def _usable_on(name: str, device_type: str) -> bool:
+    """Whether ``name`` is usable here and takes tensors of ``device_type`` (Triton under
+    its interpreter takes CPU tensors, not CUDA ones)."""
+    return _status(name)[1] and _devices(name) in (None, device_type)
+
+
+def _auto_cuda() -> Backend:
+    """``auto`` for CUDA tensors: the composite over the usable GPU kernels, else torch."""
+    kernels = tuple(k for k in _auto.KERNELS if _usable_on(k, "cuda"))
+    if not kernels:
+        return _instance("torch")
+    key = "auto:" + ",".join(kernels)
+    if key not in _instances:  # its parts are instantiated on first use, not here
+        _instances[key] = _auto.AutoBackend(kernels, _instance)
+    return _instances[key]
+
+
 def get(name: str, device: torch.device) -> Backend:
     """The backend object for ``name`` (or ``"auto"``) and tensors on ``device``."""
     if name == "auto":
         if device.type == "cpu" and _cpu.status()[1]:
             return _instance("cpu")
+        if device.type == "cuda":
+            return _auto_cuda()
         return _instance("torch")
     if name not in NAMES:
         raise ValueError(f"backend must be 'auto' or one of {', '.join(map(repr, NAMES))}; "

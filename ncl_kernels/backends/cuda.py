@@ -7,9 +7,10 @@ primitives are the generic chunked ones of ``base.Backend`` on top of these. Not
 synchronizes the device: work buffers are allocated with PyTorch's caching allocator on
 the current stream, so freeing them on return is stream-ordered and safe.
 
-The backend is chosen only when named (``backend="cuda"``): ``"auto"`` keeps CUDA tensors
-on the PyTorch backend until these kernels have been measured on a GPU against Triton
-(see the README's backend table).
+``backend="auto"`` on CUDA tensors routes ``col_lse``, ``ncl_grad_``, ``apply_biases_``,
+``ncl_grad_xy`` and all float64 work here, the primitives where these kernels measured
+fastest on an H200 (``auto.py``, bench/RESULTS.md); ``backend="cuda"`` runs every
+primitive here.
 """
 
 from __future__ import annotations
