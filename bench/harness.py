@@ -93,14 +93,21 @@ ORACLE_MAX_ELEMS = int(os.environ.get("NCL_BENCH_ORACLE_MAX", str(1 << 28)))
 SCALE = 10.0   # cosine scores at temperature 0.1
 
 
-def ours_backends():
-    """Every usable backend that runs on DEVICE, so new backends are picked up as merged."""
+def ours_backends(auto: bool = False):
+    """Every usable backend that runs on DEVICE, so new backends are picked up as merged.
+
+    ``auto=True`` (the end-to-end suites) adds ``"auto"`` on a GPU with our kernels: its
+    per-primitive mix of cuda and triton is what users get by default, measured as a whole.
+    The primitive suite leaves it out: per primitive it is one of its parts.
+    """
     report = nk.backends()
     names = []
     for name in BACKEND_NAMES:
         info = report[name]
         if info["usable"] and info["devices"] in ("any", DEVICE.type):
             names.append(name)
+    if auto and ON_GPU and any(n in names for n in ("cuda", "triton")):
+        names.append("auto")
     return names
 
 

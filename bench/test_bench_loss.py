@@ -81,8 +81,8 @@ def _check(names, got, expected, dtype, oracle):
                      for n, a, b in zip(names, got, expected))
 
 
-@pytest.mark.parametrize("impl", ours_backends() + [b + "-inplace" for b in ours_backends()]
-                         + PEERS)
+@pytest.mark.parametrize("impl", ours_backends(auto=True)
+                         + [b + "-inplace" for b in ours_backends()] + PEERS)
 def test_ncl_loss_fwd_bwd(benchmark, roofs, dense, impl):
     dtype, S0, scale0, expected = dense
     inplace = impl.endswith("-inplace")
@@ -117,7 +117,7 @@ def test_ncl_loss_fwd_bwd(benchmark, roofs, dense, impl):
              note=f"n_iters={ITERS}, tensor scale with grad")
 
 
-@pytest.mark.parametrize("impl", ours_backends() + PEERS)
+@pytest.mark.parametrize("impl", ours_backends(auto=True) + PEERS)
 def test_ncl_loss_embeddings_fwd_bwd(benchmark, roofs, stream, impl):
     dtype, x0, y0, scale0, expected = stream
     state = {}
@@ -151,7 +151,7 @@ def test_ncl_loss_embeddings_fwd_bwd(benchmark, roofs, stream, impl):
              roof="matmul", note=f"n_iters={ITERS}, tensor scale with grad")
 
 
-@pytest.mark.parametrize("impl", ours_backends() + ["inf-cl"])
+@pytest.mark.parametrize("impl", ours_backends(auto=True) + ["inf-cl"])
 def test_clip_loss_embeddings_fwd_bwd(benchmark, roofs, stream, impl):
     """CLIP's symmetric InfoNCE (NCL with ``n_iters=0``) from embeddings: vs inf-cl (GPU)."""
     dtype, x0, y0, scale0, _ = stream

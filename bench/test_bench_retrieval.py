@@ -46,7 +46,7 @@ def bank_gallery(request):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("impl", ours_backends() + ["eager", "pot"])
+@pytest.mark.parametrize("impl", ours_backends(auto=True) + ["eager", "pot"])
 def test_gallery_bias(benchmark, roofs, bank_gallery, impl):
     dtype, bank, gallery, expected = bank_gallery
     if impl == "eager":

@@ -76,7 +76,7 @@ def _check_fg(out, expected, dtype, oracle):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("impl", ours_backends() + DENSE_PEERS)
+@pytest.mark.parametrize("impl", ours_backends(auto=True) + DENSE_PEERS)
 def test_sinkhorn_dense(benchmark, roofs, dense, impl):
     dtype, S, expected = dense
     check = lambda out: _check_fg(out, expected, dtype, ORACLE)
@@ -111,7 +111,7 @@ def test_sinkhorn_dense(benchmark, roofs, dense, impl):
              note=f"{ITERS} iterations, tol=None")
 
 
-@pytest.mark.parametrize("impl", ours_backends() + STREAM_PEERS)
+@pytest.mark.parametrize("impl", ours_backends(auto=True) + STREAM_PEERS)
 def test_sinkhorn_embeddings(benchmark, roofs, stream, impl):
     dtype, x, y, expected = stream
     check = lambda out: _check_fg(out, expected, dtype, ORACLE_S)
