@@ -47,10 +47,12 @@ def synthetic(n_videos: int = 5000, captions_per_video: int = 5, *, seed: int = 
        video features ``B2 softplus(B1 z_v) + e`` (fixed random weights, different widths;
        ``e`` Gaussian with standard deviation ``noise``).
 
-    Where the hubs come from: a caption that mentions only popular concepts fits every
-    video that shows them, and videos that show several popular concepts fit many such
-    captions; a model trained with a plain contrastive loss gives those videos a large
-    share of everyone's retrieval probability (hubs) and leaves others nearly unretrieved.
+    Where the hubs come from: a caption mentions only part of its video, so it also fits
+    the other videos that show what it mentions. A video that shows one concept strongly
+    is the best fit for every caption that mentions only that concept, and popular
+    concepts have many such captions. A model trained with CLIP's loss gives such videos
+    more than their share of everyone's retrieval probability, and others much less; the
+    learned space adds hubs of its own that these two traits do not explain.
 
     Returns:
         :class:`Paired` with ``n_videos * captions_per_video`` captions; caption ``i``
