@@ -287,6 +287,7 @@ def run_case(benchmark, roofs: dict, *, op: str, backend: str, fn: Callable[[], 
             dtype's measured matmul rate, unit TFLOP/s).
     """
     if setup is not None:
+        setup = _synced_setup(setup)
         setup()
     start = time.perf_counter()
     result, peak, peak_method = peak_memory(lambda: _synced(fn))
@@ -364,6 +365,18 @@ def _synced(fn):
     out = fn()
     sync()
     return out
+
+
+def _synced_setup(setup):
+    """``setup`` followed by a device sync, returning None (pytest-benchmark would take a
+    returned value as the arguments of the timed call). Without the sync, a setup's device
+    work, e.g. the clone that restores S for an in-place case, was still running when the
+    timer started: the first GPU run's in-place and apply_biases_ times include up to one
+    copy of S."""
+    def synced():
+        setup()
+        sync()
+    return synced
 
 
 def _compute_dtype(dtype):
