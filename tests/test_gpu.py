@@ -258,10 +258,10 @@ def check_misaligned_column_vectors(backend, device, dtype):
     assert torch.equal(A, B)
 
 
-@pytest.mark.matrix
 # ---------------------------------------------------------------- the primitives
 # The full dtype x shape x layout matrix (marked ``matrix``: about 4,000 cases with three
 # backends, the bulk of a device run's test time; bench/run_device.sh runs them last).
+@pytest.mark.matrix
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
