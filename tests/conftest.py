@@ -100,6 +100,22 @@ def assert_close(ours, ref64, ref32, dtype, what=""):
     assert err <= bound, f"{what}: relative error {err:.3g} > {bound:.3g} ({dtype})"
 
 
+def oracle_loss_refs(S0, scale, dtype):
+    """The oracle's NCL loss and dloss/dS for CPU scores ``S0``, as assert_close's two
+    references: ``((loss64, dS64), (loss32, dS32))``, the second in the storage dtype with
+    float32 accumulation."""
+    import python_ref as ref
+
+    refs = []
+    for ref_dtype in (torch.float64, torch.float32):
+        leaf = S0.to(torch.float64 if ref_dtype == torch.float64 else dtype, copy=True)
+        leaf.requires_grad_()
+        value = ref.ncl_loss(leaf, scale, dtype=ref_dtype)
+        value.backward()
+        refs.append((value.detach(), leaf.grad))
+    return refs
+
+
 def random_scores(n, m, dtype, *, seed=0, strided=False, scale=0.3):
     gen = torch.Generator().manual_seed(seed)
     if strided:  # a view of a wider matrix: row stride m + 13

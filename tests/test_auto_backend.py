@@ -21,7 +21,14 @@ from ncl_kernels.backends.base import Backend
 from ncl_kernels.backends.cpu import CpuBackend
 from ncl_kernels.backends.torch import TorchBackend
 
-from conftest import STORAGE_DTYPES, assert_close, random_embeddings, random_scores, rel_err
+from conftest import (
+    STORAGE_DTYPES,
+    assert_close,
+    oracle_loss_refs,
+    random_embeddings,
+    random_scores,
+    rel_err,
+)
 
 # the registry module (``ncl_kernels.backends`` the attribute is the report function)
 registry = importlib.import_module("ncl_kernels.backends")
@@ -229,14 +236,7 @@ def test_loss_through_the_composite(mixed, dtype, inplace):
     lse_part = "cuda" if dtype == torch.float64 else "triton"
     assert routed(mixed) == {(lse_part, "row_lse"), ("cuda", "col_lse"),
                              (grad_part, "ncl_grad_")}
-    refs = []
-    for ref_dtype in (torch.float64, torch.float32):
-        leaf = S0.to(torch.float64 if ref_dtype == torch.float64 else dtype, copy=True)
-        leaf.requires_grad_()
-        value = ref.ncl_loss(leaf, 12.0, dtype=ref_dtype)
-        value.backward()
-        refs.append((value.detach(), leaf.grad))
-    (l64, g64), (l32, g32) = refs
+    (l64, g64), (l32, g32) = oracle_loss_refs(S0, 12.0, dtype)
     assert_close(loss.detach(), l64, l32, dtype, "loss")
     assert_close(S.grad, g64, g32, dtype, "dS")
     alone = S0.clone().requires_grad_()
