@@ -22,6 +22,7 @@ Environment:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import re
@@ -34,6 +35,8 @@ import torch
 
 import ncl_kernels as nk
 from ncl_kernels.backends import NAMES as BACKEND_NAMES
+
+from collect import make_record
 
 
 def _device() -> torch.device:
@@ -348,10 +351,6 @@ def _append_record(info: dict, stats, benchmark) -> None:
     path = os.environ.get("NCL_BENCH_RECORDS")
     if not path:
         return
-    import json
-
-    from collect import make_record
-
     rec = make_record(info, stats.median, stats.min, stats.rounds,
                       time.strftime("%Y-%m-%d"), getattr(benchmark, "fullname", None))
     with open(path, "a") as fh:
