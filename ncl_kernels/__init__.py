@@ -1,11 +1,11 @@
 """ncl_kernels: Normalized Contrastive Learning kernels for cross-modal retrieval.
 
-The public names of SPEC.md section 6. Compiled backends are imported lazily, so this
+The public names (docs/api.md). Compiled backends are imported lazily, so this
 package imports (and its PyTorch backend works) without them; :func:`backends` says what is
 usable here and why not.
 """
 
-from . import distributed, retrieval
+from . import distributed, ops, retrieval
 from .backends import backends
 from .loss import apply_biases_, ncl_loss, ncl_loss_embeddings
 from .nn import NCLLoss
@@ -27,6 +27,7 @@ __all__ = [
     "apply_biases_",
     "backends",
     "distributed",
+    "ops",
     "ncl_loss",
     "ncl_loss_embeddings",
     "retrieval",

@@ -20,10 +20,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .backends.base import acc_dtype
+from ._dtypes import STORAGE_DTYPES, acc_dtype
 
 Tensor = torch.Tensor
-STORAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 INF = float("inf")
 MASS_RTOL = 1e-5
 
@@ -66,13 +65,19 @@ def scores_meta(S, name: str = "scores") -> Tensor:
     return S
 
 
-def scores_values(S: Tensor, name: str = "scores") -> Tensor:
-    """The data half of :func:`scores`: no NaN, no +inf."""
-    top = S.max()  # one read: NaN propagates through max, +inf is the max
-    if torch.isnan(top):
+def scores_values(S: Tensor, name: str = "scores", scale: Optional[float] = None) -> Tensor:
+    """The data half of :func:`scores`: no NaN, no +inf, and (given the scale's value)
+    logits ``scale * S`` that fit the accumulation dtype."""
+    top = float(S.max())  # one read: NaN propagates through max, +inf is the max
+    if math.isnan(top):
         raise ValueError(f"{name} contains NaN")
     if top == INF:
         raise ValueError(f"{name} contains +inf (-inf is allowed as a mask)")
+    acc = acc_dtype(S.dtype)
+    if scale is not None and scale * top > torch.finfo(acc).max:
+        raise ValueError(f"the logits scale * {name} overflow {acc}: scale = {scale:g} times "
+                         f"the largest score {top:g} exceeds {torch.finfo(acc).max:.3g}; lower "
+                         f"the scale or normalize the scores")
     return S
 
 
@@ -109,9 +114,16 @@ def embeddings_values(x: Tensor, y: Tensor,
                       names: Tuple[str, str] = ("x", "y")) -> Tuple[Tensor, Tensor]:
     """The data half of :func:`embeddings`: every entry finite."""
     for name, t in zip(names, (x, y)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf (embeddings must be finite)")
+        finite(name, t)
     return x, y
+
+
+def finite(name: str, t: Tensor) -> Tensor:
+    """Every entry of ``t`` finite; the message says whether NaN or inf was found."""
+    if not bool(torch.isfinite(t).all()):
+        found = "NaN" if bool(torch.isnan(t).any()) else "inf"
+        raise ValueError(f"{name} contains {found} (embeddings must be finite)")
+    return t
 
 
 def same_device(**tensors) -> None:
@@ -130,15 +142,20 @@ def scale(value) -> float:
     return scale_value(*scale_meta(value))
 
 
-def scale_meta(value) -> Tuple[Optional[Tensor], float]:
+def scale_meta(value, like: Optional[Tensor] = None) -> Tuple[Optional[Tensor], float]:
     """The metadata half of :func:`scale`: ``(tensor, 0.0)`` or ``(None, number)``.
 
-    A Python number is checked completely here (it is a constant under tracing).
+    A Python number is checked completely here (it is a constant under tracing). A tensor
+    must live on ``like``'s device, or be a CPU tensor (as PyTorch allows for scalars).
     """
     if isinstance(value, Tensor):
         if value.dim() != 0 or not value.is_floating_point():
             raise TypeError(f"scale must be a number or a 0-dim floating tensor; got "
                             f"{_describe(value)}")
+        if like is not None and value.device != like.device and value.device.type != "cpu":
+            raise ValueError(f"scale is on {value.device} but the scores are on "
+                             f"{like.device}; pass a number, a CPU tensor or a tensor on "
+                             f"{like.device}")
         return value, 0.0
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return None, scale_value(None, float(value))
@@ -167,11 +184,11 @@ def iterations(n_iters, tol, check_every) -> None:
         raise ValueError(f"check_every must be an integer >= 1; got {check_every!r}")
 
 
-def _mass(name: str, value, length: int, like: Tensor) -> Tensor:
-    return _mass_values(name, _mass_meta(name, value, length, like))
+def mass(name: str, value, length: int, like: Tensor) -> Tensor:
+    return mass_values(name, mass_meta(name, value, length, like))
 
 
-def _mass_meta(name: str, value, length: int, like: Tensor) -> Tensor:
+def mass_meta(name: str, value, length: int, like: Tensor) -> Tensor:
     t = torch.as_tensor(value)
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"{name} must be a 1-D tensor of length {length}; got shape "
@@ -183,7 +200,7 @@ def _mass_meta(name: str, value, length: int, like: Tensor) -> Tensor:
     return t.to(device=like.device, dtype=acc_dtype(like.dtype))
 
 
-def _mass_values(name: str, t: Tensor) -> Tensor:
+def mass_values(name: str, t: Tensor) -> Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or inf")
     if bool((t < 0).any()):
@@ -201,8 +218,8 @@ def masses(row_mass, col_mass, n: int, m: int, like: Tensor) -> Tuple[Tensor, Te
 def masses_meta(row_mass, col_mass, n: int, m: int, like: Tensor):
     """The metadata half of :func:`masses`: given masses as accumulation-dtype tensors
     on ``like``'s device (``None`` stays ``None``)."""
-    r = None if row_mass is None else _mass_meta("row_mass", row_mass, n, like)
-    c = None if col_mass is None else _mass_meta("col_mass", col_mass, m, like)
+    r = None if row_mass is None else mass_meta("row_mass", row_mass, n, like)
+    c = None if col_mass is None else mass_meta("col_mass", col_mass, m, like)
     return r, c
 
 
@@ -210,8 +227,8 @@ def masses_values(r: Optional[Tensor], c: Optional[Tensor], n: int, m: int,
                   like: Tensor) -> Tuple[Tensor, Tensor]:
     """The data half of :func:`masses`: value checks, defaults and the total rule."""
     dt, dev = acc_dtype(like.dtype), like.device
-    r = None if r is None else _mass_values("row_mass", r)
-    c = None if c is None else _mass_values("col_mass", c)
+    r = None if r is None else mass_values("row_mass", r)
+    c = None if c is None else mass_values("col_mass", c)
     if r is None and c is None:
         r = torch.ones(n, dtype=dt, device=dev)
     if r is None:
@@ -269,10 +286,10 @@ def default_targets(n: int, m: int, device) -> Tuple[Tensor, Tensor]:
 
 
 def _target(name: str, value, length: int, upper: int, other: str, like: Tensor) -> Tensor:
-    return _target_values(name, _target_meta(name, value, length, like), upper, other)
+    return target_values(name, target_meta(name, value, length, like), upper, other)
 
 
-def _target_meta(name: str, value, length: int, like: Tensor) -> Tensor:
+def target_meta(name: str, value, length: int, like: Tensor) -> Tensor:
     t = _tensor(name, value)
     if t.dtype != torch.int64:
         raise TypeError(f"{name} must be an int64 tensor; got {t.dtype}")
@@ -283,7 +300,7 @@ def _target_meta(name: str, value, length: int, like: Tensor) -> Tensor:
     return t
 
 
-def _target_values(name: str, t: Tensor, upper: int, other: str) -> Tensor:
+def target_values(name: str, t: Tensor, upper: int, other: str) -> Tensor:
     if t.shape[0] and bool(((t < -1) | (t >= upper)).any()):
         bad = t[(t < -1) | (t >= upper)][0].item()
         raise ValueError(f"{name} must hold {other} indices in [0, {upper}) or -1 (no loss "
@@ -293,8 +310,8 @@ def _target_values(name: str, t: Tensor, upper: int, other: str) -> Tensor:
 
 def targets_meta(row_targets, col_targets, n: int, m: int, like: Tensor):
     """The metadata half of :func:`targets` (``None`` stays ``None``: the default)."""
-    y = None if row_targets is None else _target_meta("row_targets", row_targets, n, like)
-    z = None if col_targets is None else _target_meta("col_targets", col_targets, m, like)
+    y = None if row_targets is None else target_meta("row_targets", row_targets, n, like)
+    z = None if col_targets is None else target_meta("col_targets", col_targets, m, like)
     return y, z
 
 
@@ -302,8 +319,8 @@ def targets_values(y: Optional[Tensor], z: Optional[Tensor], n: int, m: int,
                    device) -> Tuple[Tensor, Tensor]:
     """The data half of :func:`targets`: range checks, and the defaults for ``None``."""
     y_def, z_def = default_targets(n, m, device)
-    y = y_def if y is None else _target_values("row_targets", y, m, "column")
-    z = z_def if z is None else _target_values("col_targets", z, n, "row")
+    y = y_def if y is None else target_values("row_targets", y, m, "column")
+    z = z_def if z is None else target_values("col_targets", z, n, "row")
     return y, z
 
 
@@ -350,6 +367,13 @@ def choice(name: str, value, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}; got {value!r}")
     return value
+
+
+def count(name: str, value) -> int:
+    """An integer >= 0 (``bool`` is refused: it is not a count)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0; got {value!r}")
+    return int(value)
 
 
 def positive_int(name: str, value) -> int:

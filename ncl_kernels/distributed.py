@@ -28,6 +28,12 @@ global loss. DDP *averages* gradients over ranks, so with DDP the parameters rec
 the exact gradient of the global loss. Every rank must call backward with the same
 upstream gradient (as ``loss.backward()`` on every rank does): the backward runs a
 collective.
+
+The loss is one op pair (``ncl_kernels::distributed_ncl_loss`` and its backward, overload
+per backend) whose kernels run the collectives, on the group named by
+``group.group_name``; the column-sized outputs the backward needs have a size only the
+collective knows, which the fake implementation declares as a data-dependent size. So
+``torch.compile(fullgraph=True)`` traces the loss without a graph break.
 """
 
 from __future__ import annotations
@@ -37,13 +43,18 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from . import _validate as V
-from ._ops import _biases_and_lses
-from .backends import get as get_backend
-from .backends.base import acc_dtype
+from . import _library, _loss_math as LM, _validate as V
+from ._dtypes import acc_dtype
+from .backends import registry
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
+
+
+def _group(name: str):
+    # the op carries the group by name (ops take no Python objects); c10d resolves it
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
 
 
 def _sizes(n: int, m: int, device, group) -> List[List[int]]:
@@ -104,67 +115,15 @@ class _Layout:
         self.row0, self.col0 = sum(self.rows[:rank]), sum(self.cols[:rank])
 
 
-class _DistLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, scale_t, s, be, lay, group, yt, z, r, c, n_iters, weights):
-        acc = acc_dtype(x.dtype)
-        Y = _gather_rows(y, lay.cols, group)
-        # (finite embeddings: every row pass is finite, so the local feasibility check of
-        # solve() cannot fire on one rank alone; the column check sees replicated data)
-        fw = _biases_and_lses(lambda g_: be.row_lse_xy(x, Y, s, g_),
-                              lambda f_: _all_reduce_lse(be.col_lse_xy(x, Y, s, f_), group),
-                              r, c, n_iters, None, None)
-        # coefficients over the *global* target sets
-        has_y = (yt >= 0).to(acc)
-        n_targets = _all_sum(has_y.sum(), group).clamp(min=1)
-        coef_row = has_y * (weights[0] / n_targets)
-        has_z = (z >= 0).to(acc)   # z is replicated: every rank has all of C
-        coef_col = has_z * (weights[1] / has_z.sum().clamp(min=1))
-        # column j's target row lives on one rank: that rank adds its term
-        z_here = z - lay.row0
-        mine = (z >= 0) & (z_here >= 0) & (z_here < x.shape[0])
-        z_local = torch.where(mine, z_here, torch.full_like(z, -1))
-        zero = torch.zeros((), dtype=acc, device=x.device)
-        t_row = (x.to(acc) * Y[yt.clamp(min=0)].to(acc)).sum(1) * s
-        row = torch.where(yt >= 0, coef_row * (fw.lse_row - t_row - fw.g[yt.clamp(min=0)]),
-                          zero).sum()
-        zc = z_local.clamp(min=0)
-        t_col = (x[zc].to(acc) * Y.to(acc)).sum(1) * s
-        col = torch.where(mine, coef_col * (fw.lse_col - t_col - fw.f[zc]), zero).sum()
-        loss = _all_sum(row + col, group)
-        ctx.save_for_backward(x, Y, fw.f, fw.g, fw.lse_row, fw.lse_col, coef_row, coef_col,
-                              yt, z_local)
-        ctx.s, ctx.be, ctx.lay, ctx.group = s, be, lay, group
-        ctx.scale_dtype = None if scale_t is None else scale_t.dtype
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, Y, f, g, lse_row, lse_col, coef_row, coef_col, yt, z_local = ctx.saved_tensors
-        grad = grad.to(coef_row.dtype)
-        # z_local is -1 for columns whose target row is on another rank: this block then
-        # gets their softmax term (coef_col != 0) but not their "- [i = z_j]" term.
-        dx, dY, ds = ctx.be.ncl_grad_xy(x, Y, ctx.s, f, g, lse_row, lse_col, coef_row * grad,
-                                        coef_col * grad, yt, z_local,
-                                        need_dx=ctx.needs_input_grad[0], need_dy=True)
-        dY = _all_sum(dY, ctx.group)     # the only communication of the backward
-        lay = ctx.lay
-        dy = dY[lay.col0:lay.col0 + lay.cols[dist.get_rank(ctx.group)]]
-        dscale = ds.to(ctx.scale_dtype) if ctx.needs_input_grad[2] else None
-        return (dx, dy if ctx.needs_input_grad[1] else None, dscale) + (None,) * 10
-
-
-def _local_masses(row_mass, col_mass, x: Tensor, m_local: int):
+def _local_masses(row_mass, col_mass):
     """This rank's mass slices, checked (no communication)."""
-    r = None if row_mass is None else V._mass("row_mass", row_mass, x.shape[0], x)
-    c = None if col_mass is None else V._mass_values(
-        "col_mass", V._mass_meta("col_mass", col_mass, m_local, x))
+    r = None if row_mass is None else V.mass_values("row_mass", row_mass)
+    c = None if col_mass is None else V.mass_values("col_mass", col_mass)
     return r, c
 
 
 def _global_masses(r, c, x: Tensor, lay: _Layout, group):
-    """SPEC.md section 1's defaults and total rule over the global batch."""
+    """docs/math.md section 1's defaults and total rule over the global batch."""
     acc, dev = acc_dtype(x.dtype), x.device
     c = None if c is None else _gather_rows(c, lay.cols, group)
     if r is None and c is None:
@@ -180,6 +139,158 @@ def _global_masses(r, c, x: Tensor, lay: _Layout, group):
             raise ValueError(f"row_mass and col_mass must have the same total over all ranks "
                              f"(to {V.MASS_RTOL:g} relative); got {total_r:.9g} and {tc:.9g}")
     return r, c
+
+
+
+def _checked_problem(x, y, scale_t, scale_f, row_targets, col_targets, row_mass, col_mass,
+                     group):
+    """This rank's data checks, agreed by every rank; then the layout, the global targets
+    and masses."""
+    error = None
+    try:
+        s = V.scale_value(scale_t, scale_f)
+        V.embeddings_values(x, y, ("x_local", "y_local"))
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _agree(error, x.device, group)
+    lay = _Layout(x.shape[0], y.shape[0], x.device, group)
+    yt, zt = V.default_targets(lay.N, lay.M, x.device)
+    yt, local_z = yt[lay.row0:lay.row0 + x.shape[0]], None
+    try:
+        if row_targets is not None:
+            yt = V.target_values("row_targets", row_targets, lay.M, "column")
+        if col_targets is not None:
+            local_z = V.target_values("col_targets", col_targets, lay.N, "row")
+        r, c = _local_masses(row_mass, col_mass)
+    except (TypeError, ValueError) as exc:
+        error = exc
+    _agree(error, x.device, group)
+    if local_z is not None:
+        zt = _gather_rows(local_z, lay.cols, group)
+    r, c = _global_masses(r, c, x, lay, group)
+    return s, lay, yt, zt, r, c
+
+
+def _forward_kernel(backend: str):
+    def kernel(x, y, scale_t, scale_f, group_name, row_targets, col_targets, row_mass,
+               col_mass, n_iters, w_row, w_col):
+        group = _group(group_name)
+        s, lay, yt, z, r, c = _checked_problem(x, y, scale_t, scale_f, row_targets,
+                                               col_targets, row_mass, col_mass, group)
+        acc = acc_dtype(x.dtype)
+        row_lse, col_lse = (registry.resolve(backend, p, x.device.type, x.dtype)
+                            for p in ("row_lse_xy", "col_lse_xy"))
+        Y = _gather_rows(y, lay.cols, group)
+        # (finite embeddings: every row pass is finite, so the local feasibility check of
+        # solve() cannot fire on one rank alone; the column check sees replicated data)
+        b = LM.biases_and_lses(lambda g_: row_lse(x, Y, s, g_),
+                               lambda f_: _all_reduce_lse(col_lse(x, Y, s, f_), group),
+                               r, c, n_iters, None, None)
+        # coefficients over the *global* target sets (z is replicated: every rank has all
+        # of C; R is counted over the ranks)
+        n_targets = _all_sum((yt >= 0).to(acc).sum(), group)
+        coef_row, coef_col = LM.coefficients(yt, z, w_row, w_col, acc, n_targets)
+        # column j's target row lives on one rank: that rank adds its term
+        z_here = z - lay.row0
+        mine = (z >= 0) & (z_here >= 0) & (z_here < x.shape[0])
+        z_local = torch.where(mine, z_here, torch.full_like(z, -1))
+        t_row = (x.to(acc) * Y[yt.clamp(min=0)].to(acc)).sum(1) * s
+        zc = z_local.clamp(min=0)
+        t_col = (x[zc].to(acc) * Y.to(acc)).sum(1) * s
+        local = LM.assemble(b, t_row, t_col, yt, z_local, coef_row, coef_col)
+        loss = LM.check_finite_loss(_all_sum(local, group))
+        col0 = torch.tensor(lay.col0, dtype=torch.int64, device=x.device)
+        return (loss, Y, b.f, b.g, b.lse_row, b.lse_col, coef_row, coef_col, yt, z_local,
+                col0)
+    return kernel
+
+
+def _forward_fake(x, y, *rest):
+    # the global column count is known only to the collective: a data-dependent size
+    M = torch.library.get_ctx().new_dynamic_size()
+    n, acc = x.shape[0], acc_dtype(x.dtype)
+    vec = (lambda k, dt=acc: x.new_empty(k, dtype=dt))
+    return (x.new_empty((), dtype=acc), x.new_empty(M, x.shape[1]), vec(n), vec(M), vec(n),
+            vec(M), vec(n), vec(M), vec(n, torch.int64), vec(M, torch.int64),
+            x.new_empty((), dtype=torch.int64))
+
+
+def _backward_kernel(backend: str):
+    def kernel(grad, x, Y, f, g, lse_row, lse_col, coef_row, coef_col, yt, z_local, col0,
+               scale_t, scale_f, group_name, m_local, need_x):
+        s = V.scale_value(scale_t, scale_f)
+        grad = grad.to(coef_row.dtype)
+        grad_xy = registry.resolve(backend, "ncl_grad_xy", x.device.type, x.dtype)
+        # z_local is -1 for columns whose target row is on another rank: this block then
+        # gets their softmax term (coef_col != 0) but not their "- [i = z_j]" term.
+        dx, dY, ds = grad_xy(x, Y, s, f, g, lse_row, lse_col, coef_row * grad,
+                             coef_col * grad, yt, z_local, need_dx=need_x, need_dy=True)
+        dY = _all_sum(dY, _group(group_name))  # the only communication of the backward
+        start = int(col0)
+        dy = dY[start:start + m_local].clone()
+        return (x.new_empty(0) if dx is None else dx), dy, ds
+    return kernel
+
+
+def _backward_fake(grad, x, Y, *rest):
+    m_local = rest[-2]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            Y.new_empty(m_local, Y.shape[1]), x.new_empty((), dtype=acc_dtype(x.dtype)))
+
+
+def _setup(ctx, inputs, output):
+    x, y, scale_t, scale_f, group_name = inputs[:5]
+    (_loss, Y, f, g, lse_row, lse_col, coef_row, coef_col, yt, z_local, col0) = output
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(x, Y, f, g, lse_row, lse_col, coef_row, coef_col, yt, z_local,
+                          col0, scale_t)
+    ctx.options = (scale_f, group_name, y.shape[0])
+
+
+def _backward(backend: str):
+    backward_op = _library.op("distributed_ncl_loss_backward", backend)
+
+    def backward(ctx, grad, *_unused):
+        *saved, scale_t = ctx.saved_tensors
+        scale_f, group_name, m_local = ctx.options
+        dx, dy, ds = backward_op(grad, *saved, scale_t, scale_f, group_name, m_local,
+                                 ctx.needs_input_grad[0])
+        dscale = ds.to(scale_t.dtype) if ctx.needs_input_grad[2] else None
+        return ((dx if ctx.needs_input_grad[0] else None,
+                 dy if ctx.needs_input_grad[1] else None, dscale) + (None,) * 9)
+    return backward
+
+
+_SAVED = ("Tensor x, Tensor Y, Tensor f, Tensor g, Tensor lse_row, Tensor lse_col, "
+          "Tensor coef_row, Tensor coef_col, Tensor yt, Tensor z_local, Tensor col0")
+_library.define("distributed_ncl_loss_backward",
+                f"(Tensor grad, {_SAVED}, Tensor? scale_t, float scale_f, str group, "
+                "int m_local, bool need_x) -> (Tensor, Tensor, Tensor)",
+                _backward_kernel, _backward_fake)
+_library.define("distributed_ncl_loss",
+                "(Tensor x, Tensor y, Tensor? scale_t, float scale_f, str group, "
+                "Tensor? row_targets, Tensor? col_targets, Tensor? row_mass, "
+                "Tensor? col_mass, int n_iters, float w_row, float w_col) -> (Tensor loss, "
+                "Tensor Y, Tensor f, Tensor g, Tensor lse_row, Tensor lse_col, "
+                "Tensor coef_row, Tensor coef_col, Tensor yt, Tensor z_local, Tensor col0)",
+                _forward_kernel, _forward_fake, autograd=(_backward, _setup))
+
+
+def _options(x_local, y_local, scale, row_targets, col_targets, n_iters, weights, row_mass,
+             col_mass, backend):
+    """The metadata checks of this rank's arguments (traced Python)."""
+    x, y = V.embeddings_meta(x_local, y_local, ("x_local", "y_local"))
+    scale_t, scale_f = V.scale_meta(scale, x)
+    V.iterations(n_iters, None, 1)
+    w_row, w_col = V.weights(weights)
+    _library.check_backend(backend, x.device)
+    yt = None if row_targets is None else V.target_meta("row_targets", row_targets,
+                                                        x.shape[0], x)
+    zt = None if col_targets is None else V.target_meta("col_targets", col_targets,
+                                                        y.shape[0], x)
+    r = None if row_mass is None else V.mass_meta("row_mass", row_mass, x.shape[0], x)
+    c = None if col_mass is None else V.mass_meta("col_mass", col_mass, y.shape[0], x)
+    return x, y, scale_t, scale_f, yt, zt, r, c, w_row, w_col
 
 
 def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=None,
@@ -206,40 +317,27 @@ def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=No
         gradients and how they compose with DistributedDataParallel.
 
     Every rank must call this collectively with the same options. When one rank's
-    arguments are refused, every rank raises: that rank
-    its own ``ValueError``/``TypeError``, the others a ``ValueError`` naming that rank.
+    arguments are refused, every rank raises: that rank its own ``ValueError`` or
+    ``TypeError``, the others a ``ValueError`` naming that rank. (Under ``torch.compile``
+    the metadata checks run while tracing, where a rank cannot tell the others: give every
+    rank inputs of the same kinds, shapes aside.)
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ncl_kernels.distributed needs an initialized torch.distributed "
                            "process group (torch.distributed.init_process_group)")
-    device = x_local.device if isinstance(x_local, Tensor) else torch.device("cpu")
-    error = None
-    try:  # the checks of this rank's own arguments; every rank then agrees
-        x, y = V.embeddings(x_local, y_local, ("x_local", "y_local"))
-        scale_t = scale if isinstance(scale, Tensor) else None
-        s = V.scale(scale)
-        V.iterations(n_iters, None, 1)
-        w = V.weights(weights)
-        be = get_backend(backend, x.device)
-    except (TypeError, ValueError) as exc:
-        error = exc
-    _agree(error, device, group)
-    lay = _Layout(x.shape[0], y.shape[0], x.device, group)
-    rank = dist.get_rank(group)
-    yt, zt = V.default_targets(lay.N, lay.M, x.device)
-    yt, local_z = yt[lay.row0:lay.row0 + x.shape[0]], None
-    try:
-        if row_targets is not None:
-            yt = V._target_values("row_targets", V._target_meta(
-                "row_targets", row_targets, x.shape[0], x), lay.M, "column")
-        if col_targets is not None:
-            local_z = V._target_values("col_targets", V._target_meta(
-                "col_targets", col_targets, lay.cols[rank], x), lay.N, "row")
-        r, c = _local_masses(row_mass, col_mass, x, lay.cols[rank])
-    except (TypeError, ValueError) as exc:
-        error = exc
-    _agree(error, x.device, group)
-    if local_z is not None:
-        zt = _gather_rows(local_z, lay.cols, group)
-    r, c = _global_masses(r, c, x, lay, group)
-    return _DistLoss.apply(x, y, scale_t, s, be, lay, group, yt, zt, r, c, n_iters, w)
+    group = dist.group.WORLD if group is None else group
+    args = (x_local, y_local, scale, row_targets, col_targets, n_iters, weights, row_mass,
+            col_mass, backend)
+    if torch.compiler.is_compiling():
+        opts = _options(*args)
+    else:
+        device = x_local.device if isinstance(x_local, Tensor) else torch.device("cpu")
+        error = opts = None
+        try:  # the checks of this rank's own arguments; every rank then agrees
+            opts = _options(*args)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        _agree(error, device, group)
+    x, y, scale_t, scale_f, yt, zt, r, c, w_row, w_col = opts
+    return _library.op("distributed_ncl_loss", backend)(
+        x, y, scale_t, scale_f, group.group_name, yt, zt, r, c, n_iters, w_row, w_col)[0]

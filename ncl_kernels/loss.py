@@ -1,6 +1,6 @@
-"""The NCL loss (SPEC.md section 3): forward from LSE passes, backward in one pass.
+"""The NCL loss (docs/math.md section 3): forward from LSE passes, backward in one pass.
 
-The public entries check metadata here and call the custom ops of ``_ops`` (which check
+The public entries check metadata here and call the ops of ``_loss_ops`` (which check
 the data, solve the biases, assemble the loss, and carry the registered backward), so
 ``torch.compile(fullgraph=True)`` traces them without graph breaks. The dense and the
 embedding forms share the bias solve, the loss assembly and the coefficients; they differ
@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops, _validate as V
-from .backends import get as get_backend
+from . import _library, _loss_ops, _validate as V  # noqa: F401 (_loss_ops defines the ops)
+from ._dtypes import acc_dtype
 
 Tensor = torch.Tensor
 
 
 def _loss_options(like: Tensor, n: int, m: int, scale, row_targets, col_targets, n_iters,
-                  f, g, weights, row_mass, col_mass):
-    """The metadata checks, in traced Python; the op runs the data checks (see _ops)."""
-    scale_t, scale_f = V.scale_meta(scale)
+                  f, g, weights, row_mass, col_mass, backend):
+    """The metadata checks, in traced Python; the op runs the data checks (_loss_ops)."""
+    _library.check_backend(backend, like.device)
+    scale_t, scale_f = V.scale_meta(scale, like)
     V.iterations(n_iters, None, 1)
     y, z = V.targets_meta(row_targets, col_targets, n, m, like)
     if (f is None) != (g is None):
@@ -34,6 +35,7 @@ def _loss_options(like: Tensor, n: int, m: int, scale, row_targets, col_targets,
     f = None if f is None else f.detach()
     g = None if g is None else g.detach()
     return (scale_t, scale_f, y, z, r, c, f, g, n_iters, w_row, w_col)
+
 
 
 def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
@@ -65,11 +67,9 @@ def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
     S = V.scores_meta(scores)
     inplace = V.flag("inplace_backward", inplace_backward)
     N, M = S.shape
-    (scale_t, scale_f, y, z, r, c, f, g, n_iters, w_row,
-     w_col) = _loss_options(S, N, M, scale, row_targets, col_targets, n_iters, f, g, weights,
-                            row_mass, col_mass)
-    return _ops.loss_dense(S, scale_t, scale_f, backend, y, z, r, c, f, g, n_iters, w_row,
-                           w_col, inplace)[0]
+    options = _loss_options(S, N, M, scale, row_targets, col_targets, n_iters, f, g, weights,
+                            row_mass, col_mass, backend)
+    return _library.op("ncl_loss", backend)(S, *options, inplace)[0]
 
 
 def ncl_loss_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_targets=None,
@@ -85,11 +85,9 @@ def ncl_loss_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_targets=None,
     """
     X, Y = V.embeddings_meta(x, y)
     N, M = X.shape[0], Y.shape[0]
-    (scale_t, scale_f, yt, zt, r, c, f, g, n_iters, w_row,
-     w_col) = _loss_options(X, N, M, scale, row_targets, col_targets, n_iters, f, g, weights,
-                            row_mass, col_mass)
-    return _ops.loss_xy(X, Y, scale_t, scale_f, backend, yt, zt, r, c, f, g, n_iters, w_row,
-                        w_col)[0]
+    options = _loss_options(X, N, M, scale, row_targets, col_targets, n_iters, f, g, weights,
+                            row_mass, col_mass, backend)
+    return _library.op("ncl_loss_embeddings", backend)(X, Y, *options)[0]
 
 
 def apply_biases_(scores: Tensor, scale=1.0, f=None, g=None, *, backend: str = "auto") -> Tensor:
@@ -104,9 +102,11 @@ def apply_biases_(scores: Tensor, scale=1.0, f=None, g=None, *, backend: str = "
         raise ValueError("apply_biases_ is an in-place, non-differentiable update; pass a "
                          "tensor that does not require grad (e.g. scores.detach())")
     N, M = S.shape
-    s = V.scale(scale)
-    f = V.potential("f", f, N, S)
-    g = V.potential("g", g, M, S)
-    be = get_backend(backend, S.device)
+    s = V.scale_value(*V.scale_meta(scale, S))
+    acc = acc_dtype(S.dtype)
+    f = V.potential_values("f", V.potential_meta("f", f, N, S), acc)
+    g = V.potential_values("g", V.potential_meta("g", g, M, S), acc)
+    _library.check_backend(backend, S.device)
     with torch.no_grad():
-        return be.apply_biases_(S, s, f, g)
+        _library.op("apply_biases_", backend)(S, s, f, g)
+    return S

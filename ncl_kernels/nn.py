@@ -13,7 +13,10 @@ from .sinkhorn import sinkhorn, sinkhorn_embeddings
 
 Tensor = torch.Tensor
 MODES = ("auto", "dense", "streaming")
-_QUEUE = ("queue_text", "queue_video", "queue_video_mass")
+#: the queue's buffers: per side the embeddings (K, D), their masses (K,; 0 = empty slot)
+#: and the next slot to write (a ring)
+_SIDES = ("text", "video")
+_QUEUE = tuple(f"queue_{side}{part}" for side in _SIDES for part in ("", "_mass", "_next"))
 
 
 def _pad_targets(t: Optional[Tensor], n: int) -> Optional[Tensor]:
@@ -29,171 +32,235 @@ class NCLLoss(nn.Module):
     ``forward(text_features, video_features, scale, caption_to_video=None)`` takes a
     batch of N captions and V videos and the multiplier ``scale`` (already exponentiated,
     as open_clip passes ``logit_scale.exp()``; a number or a 0-dim tensor that may require
-    grad), and returns the NCL loss of SPEC.md section 3 with the biases from ``n_iters``
-    Sinkhorn iterations.
+    grad), and returns the NCL loss of docs/math.md section 3 with the biases from
+    ``n_iters`` Sinkhorn iterations.
 
     Targets. Without ``caption_to_video`` the batch is N = V pairs (row i with column i).
-    With it (int64 (N,), values in ``[0, V)``), caption i's positive is video
+    With it (int64 (N,), values in ``[0, V)`` or ``-1``), caption i's positive is video
     ``caption_to_video[i]``; video j's positive caption (its video-to-text term) is its
-    first caption in the batch, and a video without captions has no loss term. The column
-    masses are proportional to each video's caption count (row masses are 1), so a video
-    with k captions receives k times the mass; a video without captions has mass 0.
+    first caption in the batch, and a video without captions has no loss term. A caption
+    marked ``-1`` has no loss term and no mass (it takes no part in the problem). The
+    column masses are proportional to each video's caption count (row masses are 1), so a
+    video with k captions receives k times the mass; a video without captions has mass 0.
 
     Queue (``queue_size`` K > 0). The module keeps, detached, the K most recent *earlier*
     caption embeddings and the K most recent earlier video embeddings (with their column
-    masses), as buffers (``queue_text``, ``queue_video``, ``queue_video_mass``: they move
-    with ``.to()`` and round-trip exactly through ``state_dict()``). A step solves the
-    problem on ``[batch; queue]`` (batch rows/columns first, queue rows oldest first), then
-    enqueues the current batch (after its loss is computed; the oldest rows fall out).
+    masses) in fixed-size ring buffers (``queue_text``, ``queue_video`` and their
+    ``_mass`` and ``_next`` companions: they move with ``.to()`` and round-trip exactly
+    through ``state_dict()``). A step solves the problem on ``[batch; queue]`` (batch
+    rows/columns first), then enqueues the current batch (after its loss is computed;
+    the oldest entries are overwritten). Slots not yet written have mass 0, so they take
+    no part; the buffers never change shape, so a compiled training step does not
+    recompile while the queue fills. They are allocated at construction when
+    ``embed_dim`` is given (in float32 on the CPU; ``.to()`` moves them), else at the
+    first step in the batch's dtype and device (a compiled step then recompiles once).
+    :meth:`queued` returns the filled entries, oldest first.
+
     Queued rows and columns have no loss term. With ``queue_as_negatives=True`` they join
     the softmax denominators and the normalization: the loss is
     ``ncl_loss_embeddings([x; Qx], [y; Qy], ...)``. With ``False`` they only shape the
     biases: ``f, g`` come from Sinkhorn on the whole problem and the loss runs over the
-    batch block with ``f[:N], g[:V]``. No gradient flows into the queue.
-
-    Queued embeddings are detached copies from earlier steps. Without a slowly moving
-    (momentum) encoder for them, as MoCo uses, they are stale negatives that can hurt: in
-    the demo (``python -m ncl_kernels.train --quick``, towers trained from scratch) a queue
-    of 256 as negatives lowered text-to-video R@1 from 26.2 to 21.6 with CLIP's loss and
-    from 27.0 to 18.0 with NCL's (ranked with the bank bias), while
-    ``queue_as_negatives=False`` (the queue shapes the biases only) left NCL at 27.0.
+    batch block with ``f[:N], g[:V]``. No gradient flows into the queue. Queued
+    embeddings are stale (detached copies from earlier steps, without a momentum
+    encoder): docs/training.md says what a queue did to training in the demo.
 
     Args:
         n_iters: Sinkhorn iterations for the biases (0: CLIP's symmetric InfoNCE).
         weights: ``(w_text_to_video, w_video_to_text)``.
         queue_size: K (0: no queue).
         queue_as_negatives: see above.
+        embed_dim: D, to allocate the queue at construction (see above).
         mode: ``"dense"`` forms the score matrix with autograd and runs the dense loss with
             ``inplace_backward=True`` (the matrix is internal, so its storage is reused for
-            its gradient); ``"streaming"`` never forms it; ``"auto"`` streams once the
-            matrix (queue included) would exceed ``stream_above`` elements.
+            its gradient; a second backward through the same step is then refused);
+            ``"streaming"`` never forms it; ``"auto"`` streams once the matrix (queue
+            included) would exceed ``stream_above`` elements.
         backend: see :func:`ncl_kernels.backends`.
     """
 
     def __init__(self, n_iters: int = 4, weights=(0.5, 0.5), *, queue_size: int = 0,
-                 queue_as_negatives: bool = True, mode: str = "auto",
-                 stream_above: int = 1 << 26, backend: str = "auto"):
+                 queue_as_negatives: bool = True, embed_dim: Optional[int] = None,
+                 mode: str = "auto", stream_above: int = 1 << 26, backend: str = "auto"):
         super().__init__()
         V.iterations(n_iters, None, 1)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
-        if not isinstance(queue_size, int) or isinstance(queue_size, bool) or queue_size < 0:
-            raise ValueError(f"queue_size must be an integer >= 0; got {queue_size!r}")
+        self.queue_size = V.count("queue_size", queue_size)
         self.n_iters, self.weights = n_iters, V.weights(weights)
-        self.queue_size = queue_size
         self.queue_as_negatives = V.flag("queue_as_negatives", queue_as_negatives)
-        self.mode, self.stream_above, self.backend = mode, int(stream_above), backend
-        # empty until the first step fixes D, dtype and device
-        self.register_buffer("queue_text", torch.empty(0, 0))
-        self.register_buffer("queue_video", torch.empty(0, 0))
-        self.register_buffer("queue_video_mass", torch.empty(0))
+        self.mode, self.backend = mode, backend
+        self.stream_above = V.count("stream_above", stream_above)
+        for side in _SIDES:
+            self.register_buffer(f"queue_{side}", torch.empty(0, 0))
+            self.register_buffer(f"queue_{side}_mass", torch.empty(0, dtype=torch.float64))
+            self.register_buffer(f"queue_{side}_next", torch.zeros((), dtype=torch.int64))
+        if self.queue_size and embed_dim is not None:
+            self._allocate(V.positive_int("embed_dim", embed_dim), torch.float32,
+                           torch.device("cpu"))
 
     # -- the queue ------------------------------------------------------------------------
+    def _allocate(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        K = self.queue_size
+        for side in _SIDES:
+            setattr(self, f"queue_{side}", torch.zeros(K, dim, dtype=dtype, device=device))
+            setattr(self, f"queue_{side}_mass",
+                    torch.zeros(K, dtype=torch.float64, device=device))
+            setattr(self, f"queue_{side}_next",
+                    torch.zeros((), dtype=torch.int64, device=device))
+
     def reset_queue(self) -> None:
-        """Empty the queue (e.g. between epochs of a different dataset)."""
+        """Empty the queue (e.g. for another dataset or embedding size): the next step
+        allocates it again for its batch's D, dtype and device."""
         for name in _QUEUE:
             old = getattr(self, name)
-            setattr(self, name, old.new_empty((0, 0) if old.dim() == 2 else (0,)))
+            setattr(self, name, old.new_empty((0,) * old.dim()) if old.dim() else
+                    torch.zeros_like(old))
 
-    def _queued(self, like: Tensor):
-        """The queue in ``like``'s dtype and device (``None`` when empty or disabled)."""
-        if self.queue_size == 0 or self.queue_text.shape[0] == 0:
+    def queued(self):
+        """``(text, video, video_mass)``: the filled entries of the queue, oldest first
+        (copies; empty tensors when nothing is queued)."""
+        out = []
+        for side in _SIDES:
+            buf, mass = getattr(self, f"queue_{side}"), getattr(self, f"queue_{side}_mass")
+            if buf.shape[0] == 0:
+                out.append((buf.new_empty(0, 0), mass.new_empty(0)))
+                continue
+            order = torch.roll(torch.arange(buf.shape[0], device=buf.device),
+                               -int(getattr(self, f"queue_{side}_next")))
+            keep = order[mass[order] > 0]
+            out.append((buf[keep].clone(), mass[keep].clone()))
+        (text, _), (video, video_mass) = out
+        return text, video, video_mass
+
+    def _queue(self, like: Tensor):
+        """``(Qx, Qy, text mass, video mass)`` in ``like``'s dtype and device, allocating the
+        buffers at the first step (``None`` without a queue)."""
+        if self.queue_size == 0:
             return None
+        if self.queue_text.shape[0] == 0:
+            self._allocate(like.shape[1], like.dtype, like.device)
         qx, qy = self.queue_text, self.queue_video
         if qx.shape[1] != like.shape[1]:
             raise ValueError(f"the queue holds embeddings of size {qx.shape[1]} but this batch "
                              f"has D = {like.shape[1]}; call reset_queue() first")
-        return (qx.to(like), qy.to(like), self.queue_video_mass.to(like.device))
+        return qx.to(like), qy.to(like), self.queue_text_mass, self.queue_video_mass
 
     @torch.no_grad()
-    def _enqueue(self, x: Tensor, y: Tensor, mass: Tensor) -> None:
+    def _enqueue(self, side: str, rows: Tensor, mass: Tensor) -> None:
+        """Write the last ``min(n, K)`` rows into the ring, from its next slot on."""
         K = self.queue_size
-        queued = self._queued(x)
-        if queued is not None:
-            x = torch.cat([queued[0], x])
-            y = torch.cat([queued[1], y])
-            mass = torch.cat([queued[2], mass.to(queued[2].dtype)])
-        self.queue_text = x[-K:].detach().clone()
-        self.queue_video = y[-K:].detach().clone()
-        self.queue_video_mass = mass[-K:].detach().clone()
+        keep = min(rows.shape[0], K)
+        buf = getattr(self, f"queue_{side}")
+        nxt = getattr(self, f"queue_{side}_next")
+        slots = (nxt + torch.arange(keep, device=buf.device)) % K
+        buf.index_copy_(0, slots, rows[-keep:].detach().to(buf))
+        getattr(self, f"queue_{side}_mass").index_copy_(0, slots, mass[-keep:].to(buf.device))
+        nxt.copy_((nxt + keep) % K)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # the queue buffers change shape as they fill: take the saved shapes before loading
-        for name in _QUEUE:
-            saved = state_dict.get(prefix + name)
-            if isinstance(saved, Tensor):
-                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # the buffers are allocated at the first step (or from embed_dim): take the saved
+        # shapes before loading; a queue saved by version 0.1 (variable length, oldest
+        # first, no text masses or ring positions) is laid into the ring as it was
+        saved = state_dict.get(prefix + "queue_text")
+        if isinstance(saved, Tensor):
+            if prefix + "queue_text_mass" not in state_dict and saved.shape[0]:
+                self._upgrade_v0(state_dict, prefix)
+                saved = state_dict[prefix + "queue_text"]
+            for name in _QUEUE:
+                value = state_dict.get(prefix + name)
+                if isinstance(value, Tensor):
+                    setattr(self, name, torch.empty_like(
+                        value, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def _upgrade_v0(self, state_dict, prefix) -> None:
+        K = self.queue_size
+        for side, default_mass in (("text", None), ("video", prefix + "queue_video_mass")):
+            rows = state_dict[prefix + f"queue_{side}"][-K:]
+            mass = (torch.ones(rows.shape[0], dtype=torch.float64) if default_mass is None
+                    else state_dict[default_mass][-K:].to(torch.float64))
+            buf = rows.new_zeros(K, rows.shape[1])
+            buf[:rows.shape[0]] = rows
+            ring_mass = torch.zeros(K, dtype=torch.float64, device=rows.device)
+            ring_mass[:rows.shape[0]] = mass
+            state_dict[prefix + f"queue_{side}"] = buf
+            state_dict[prefix + f"queue_{side}_mass"] = ring_mass
+            state_dict[prefix + f"queue_{side}_next"] = torch.tensor(rows.shape[0] % K)
 
     # -- the loss -------------------------------------------------------------------------
     def _batch_targets(self, n: int, v: int, caption_to_video: Optional[Tensor], like: Tensor):
-        """``(row_targets, col_targets, col_mass)`` of the batch block (``None``: defaults)."""
+        """``(row_targets, col_targets, row_mass, col_counts)`` of the batch block
+        (``None``: the defaults)."""
         if caption_to_video is None:
             if n != v:
                 raise ValueError(f"text_features and video_features must hold the same number "
                                  f"of pairs; got {n} and {v} (pass caption_to_video for "
                                  f"several captions per video)")
-            return None, None, None
-        c2v = V._target_meta("caption_to_video", caption_to_video, n, like)
+            return None, None, None, None
+        c2v = V.target_meta("caption_to_video", caption_to_video, n, like)
         if not torch.compiler.is_compiling():  # under compile the loss op checks the range
-            V._target_values("caption_to_video", c2v, v, "video")
+            V.target_values("caption_to_video", c2v, v, "video")
+        valid = c2v >= 0
         rows = torch.arange(n, device=like.device)
+        video = c2v.clamp(min=0)
+        # a caption marked -1 is nobody's first caption and counts for no video
         first = torch.full((v,), n, dtype=torch.int64, device=like.device)
-        first = first.scatter_reduce(0, c2v.clamp(0, v - 1), rows, "amin")
+        first = first.scatter_reduce(0, video, torch.where(valid, rows, n), "amin")
         z = torch.where(first == n, torch.full_like(first, -1), first)
         counts = torch.zeros(v, dtype=torch.float64, device=like.device)
-        counts = counts.index_add(0, c2v.clamp(0, v - 1), torch.ones(n, dtype=counts.dtype,
-                                                                     device=like.device))
-        return c2v, z, counts
+        counts = counts.index_add(0, video, valid.to(counts.dtype))
+        return c2v, z, valid.to(torch.float64), counts
 
     def forward(self, text_features: Tensor, video_features: Tensor, scale,
                 caption_to_video: Optional[Tensor] = None) -> Tensor:
         x, y = V.embeddings_meta(text_features, video_features,
-                                       ("text_features", "video_features"))
+                                 ("text_features", "video_features"))
         N, Vb = x.shape[0], y.shape[0]
-        y_t, z_t, counts = self._batch_targets(N, Vb, caption_to_video, x)
-        queued = self._queued(x)
-        X, Y, mass = x, y, counts
-        if queued is not None:
-            X, Y = torch.cat([x, queued[0]]), torch.cat([y, queued[1]])
-            mass = torch.cat([torch.ones(Vb, dtype=torch.float64, device=x.device)
-                              if counts is None else counts, queued[2].double()])
+        y_t, z_t, row_mass, counts = self._batch_targets(N, Vb, caption_to_video, x)
+        queue = self._queue(x)
+        X, Y, col_mass = x, y, counts
+        if queue is not None:
+            qx, qy, q_text_mass, q_video_mass = queue
+            X, Y = torch.cat([x, qx]), torch.cat([y, qy])
+            ones = torch.ones(N, dtype=torch.float64, device=x.device)
+            row_mass = torch.cat([ones if row_mass is None else row_mass, q_text_mass])
+            col_mass = torch.cat([torch.ones(Vb, dtype=torch.float64, device=x.device)
+                                  if counts is None else counts, q_video_mass])
+            if y_t is None:
+                y_t, z_t = V.default_targets(N, Vb, x.device)
         NT, MT = X.shape[0], Y.shape[0]
-        if y_t is None and queued is not None:
-            y_t, z_t = V.default_targets(N, Vb, x.device)
         y_t, z_t = _pad_targets(y_t, NT), _pad_targets(z_t, MT)
-        col_mass = None
-        if mass is not None:
-            # proportional to caption counts, with the rows' total (SPEC.md section 1); with
-            # one caption per video this is the uniform default (decided without reading
-            # data, so that a compiled step has no data-dependent branch)
-            col_mass = mass * (NT / mass.sum())
+        if col_mass is not None:
+            # proportional to caption counts, with the rows' total (docs/math.md section
+            # 1), decided without reading data so that a compiled step never branches on it
+            col_mass = col_mass * (row_mass.sum() / col_mass.sum())
         dense = self.mode == "dense" or (self.mode == "auto" and NT * MT <= self.stream_above)
         options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend,
-                       row_targets=y_t, col_targets=z_t, col_mass=col_mass)
-        if self.queue_as_negatives or queued is None:
+                       row_targets=y_t, col_targets=z_t, row_mass=row_mass,
+                       col_mass=col_mass)
+        if self.queue_as_negatives or queue is None:
             if dense:
                 loss = ncl_loss(X @ Y.T, scale, inplace_backward=True, **options)
             else:
                 loss = ncl_loss_embeddings(X, Y, scale, **options)
         else:
             loss = self._batch_block_loss(x, y, X, Y, scale, dense, options)
-        if self.queue_size:
-            self._enqueue(x, y, torch.ones(Vb, dtype=torch.float64, device=x.device)
-                          if counts is None else counts)
+        if queue is not None:
+            ones = torch.ones(max(N, Vb), dtype=torch.float64, device=x.device)
+            self._enqueue("text", x, ones[:N] if row_mass is None else row_mass[:N])
+            self._enqueue("video", y, ones[:Vb] if counts is None else counts)
         return loss
 
     def _batch_block_loss(self, x, y, X, Y, scale, dense, options) -> Tensor:
         """Biases from the whole problem, the loss softmax over the batch block only."""
         N, Vb = x.shape[0], y.shape[0]
-        solve = dict(col_mass=options["col_mass"], n_iters=self.n_iters, tol=None,
-                     backend=self.backend)
+        solve = dict(row_mass=options["row_mass"], col_mass=options["col_mass"],
+                     n_iters=self.n_iters, tol=None, backend=self.backend)
         detached = scale.detach() if isinstance(scale, Tensor) else scale
-        with torch.no_grad():
-            if dense:
-                sol = sinkhorn(X.detach() @ Y.detach().T, detached, **solve)
-            else:
-                sol = sinkhorn_embeddings(X.detach(), Y.detach(), detached, **solve)
+        if dense:
+            sol = sinkhorn(X.detach() @ Y.detach().T, detached, **solve)
+        else:
+            sol = sinkhorn_embeddings(X.detach(), Y.detach(), detached, **solve)
         options = dict(n_iters=0, weights=self.weights, backend=self.backend,
                        row_targets=options["row_targets"][:N],
                        col_targets=options["col_targets"][:Vb], f=sol.f[:N], g=sol.g[:Vb])

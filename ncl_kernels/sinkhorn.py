@@ -1,19 +1,25 @@
-"""The one log-domain Sinkhorn-Knopp driver (SPEC.md section 2) and its public entries.
+"""The one log-domain Sinkhorn-Knopp driver (docs/math.md section 2) and its public entries.
 
-The driver sees the problem only through two callables, ``row_lse(g)`` and ``col_lse(f)``,
-so the dense form (a score matrix) and the streaming form (embeddings) share every line of
-the iteration, the stopping rule and the feasibility checks.
+The driver (:func:`solve`) sees the problem only through two callables, ``row_lse(g)`` and
+``col_lse(f)``, so the dense form (a score matrix), the streaming form (embeddings), the
+loss's bias solve and the distributed loss share every line of the iteration, the stopping
+rule and the feasibility and overflow checks. The public functions check metadata in
+(traced) Python and call one op, ``torch.ops.ncl_kernels.sinkhorn`` or
+``sinkhorn_embeddings`` (overload per backend, ``_library.py``), which checks the data
+and runs the driver: with ``tol=None`` both compile with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _validate as V
-from .backends import get as get_backend
+from . import _library, _validate as V
+from ._dtypes import acc_dtype
+from .backends import registry
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
@@ -65,6 +71,35 @@ def _marginal_error(f: Tensor, lse_row: Tensor, r: Tensor) -> Tensor:
     return (torch.exp(f + lse_row) - r).abs().sum() / r.sum()
 
 
+def _warm_start(init_g: Optional[Tensor], c: Tensor) -> Tensor:
+    """``g`` to start from: ``init_g`` (default 0), with ``-inf`` at zero-mass columns.
+
+    A warm start cannot remove a column (zero mass does): its ``-inf`` entries at columns of
+    positive mass are raised to its smallest finite entry (0 when it has none), which leads
+    to the same solution; any finite start does.
+    """
+    if init_g is None:
+        g = torch.zeros_like(c)
+    else:
+        finite = torch.isfinite(init_g)
+        low = torch.where(finite, init_g, torch.full_like(init_g, math.inf)).amin()
+        low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
+        g = torch.where(finite, init_g, low)
+    return g.masked_fill(c == 0, NEG_INF)
+
+
+def _check_finite(f: Tensor, g: Tensor, r: Tensor, c: Tensor, error: Tensor) -> None:
+    """Every potential of positive mass is finite and the error is a number, or the
+    logits overflowed the accumulation dtype: raise instead of returning NaN or inf."""
+    ok = (torch.isfinite(f) | (r == 0)).all() & (torch.isfinite(g) | (c == 0)).all()
+    if not bool(ok & torch.isfinite(error)):
+        limit = torch.finfo(f.dtype).max
+        raise ValueError(f"Sinkhorn's potentials are not finite: the logits (scale * scores) "
+                         f"or their sums with the potentials overflow {f.dtype} (largest "
+                         f"value {limit:.3g}); lower the scale or normalize the scores or "
+                         f"embeddings")
+
+
 def _check_feasible(lse: Tensor, mass: Tensor, what: str, against: str) -> None:
     bad = (lse == NEG_INF) & (mass > 0)
     if bool(bad.any()):
@@ -76,19 +111,19 @@ def _check_feasible(lse: Tensor, mass: Tensor, what: str, against: str) -> None:
 def solve(row_lse: Callable[[Optional[Tensor]], Tensor],
           col_lse: Callable[[Optional[Tensor]], Tensor],
           r: Tensor, c: Tensor, *, n_iters: int, tol: Optional[float], check_every: int,
-          init_g: Optional[Tensor] = None, strict: bool = False) -> _Solution:
+          init_g: Optional[Tensor] = None) -> _Solution:
     """Run Sinkhorn from ``g = init_g`` (default 0) and return potentials and the LSEs.
 
     Pass count: one row pass to start, then a column and a row pass per iteration; the row
     pass that closes iteration k gives both the error of iteration k and the ``f`` of
     iteration k + 1, so nothing is read twice. Host synchronizations: the two feasibility
-    checks of the first iteration, plus one every ``check_every`` iterations when ``tol``
-    is set. Ending at ``n_iters`` with the error above ``tol`` warns, or raises
-    :class:`SinkhornConvergenceError` when ``strict``.
+    checks of the first iteration, one every ``check_every`` iterations when ``tol`` is
+    set, and the finiteness check of the result. Raises ``ValueError`` for an infeasible
+    problem or overflowing logits; whether ``tol`` was reached is the caller's to judge
+    (:func:`converged`).
     """
     log_r, log_c = torch.log(r), torch.log(c)
-    g = torch.zeros_like(c) if init_g is None else init_g.clone()
-    g = g.masked_fill(c == 0, NEG_INF)
+    g = _warm_start(init_g, c)
     f = torch.zeros_like(r).masked_fill(r == 0, NEG_INF)
     lse_row = row_lse(g)
     _check_feasible(lse_row, r, "row", "columns")
@@ -107,23 +142,121 @@ def solve(row_lse: Callable[[Optional[Tensor]], Tensor],
                 break
     if error is None:
         error = _marginal_error(f, lse_row, r)
-    if tol is not None and done > 0 and done == n_iters and float(error) > tol:
-        message = (f"Sinkhorn did not reach tol={tol:g} in {done} iterations (marginal "
-                   f"error {float(error):.3g}); raise n_iters or tol")
-        if strict:
-            raise SinkhornConvergenceError(message, error=float(error), n_iters=done)
-        warnings.warn(message, SinkhornConvergenceWarning, stacklevel=3)
+    _check_finite(f, g, r, c, error)
     return _Solution(f, g, lse_row, lse_col, done, error)
 
 
-def _problem(like: Tensor, n: int, m: int, scale, row_mass, col_mass, n_iters, tol,
-             check_every, init_g, strict):
-    """Validate the options shared by both forms; returns ``(s, r, c, init_g)``."""
+def converged(done: int, error: Tensor, n_iters: int, tol: Optional[float], strict: bool,
+              stacklevel: int = 3) -> None:
+    """Ending at ``n_iters`` with the error above ``tol`` warns, or raises
+    :class:`SinkhornConvergenceError` when ``strict`` (nothing to judge with ``tol=None``)."""
+    if tol is None or done == 0 or done != n_iters:
+        return
+    value = float(error)
+    if value > tol:
+        message = (f"Sinkhorn did not reach tol={tol:g} in {done} iterations (marginal "
+                   f"error {value:.3g}); raise n_iters or tol")
+        if strict:
+            raise SinkhornConvergenceError(message, error=value, n_iters=done)
+        warnings.warn(message, SinkhornConvergenceWarning, stacklevel=stacklevel)
+
+
+# -- the public entries and their ops -----------------------------------------------------
+
+class Problem(NamedTuple):
+    """The data half of a problem's validation, with the defaults filled in."""
+
+    s: float                   # the scale's value
+    r: Tensor                  # row masses
+    c: Tensor                  # column masses
+    init_g: Optional[Tensor]   # warm start (None: 0)
+
+
+def problem_values(like: Tensor, n: int, m: int, scale_t: Optional[Tensor], scale_f: float,
+                   row_mass: Optional[Tensor], col_mass: Optional[Tensor],
+                   init_g: Optional[Tensor]) -> Problem:
+    """Inside an op: the scale's value, the masses (defaults and total rule, docs/math.md
+    section 1) and the warm start, checked."""
+    s = V.scale_value(scale_t, scale_f)
+    r, c = V.masses_values(row_mass, col_mass, n, m, like)
+    return Problem(s, r, c, V.potential_values("init_g", init_g, acc_dtype(like.dtype)))
+
+
+_SOLVE_OPTIONS = ("Tensor? scale_t, float scale_f, Tensor? row_mass, Tensor? col_mass, "
+                  "Tensor? init_g, int n_iters, float? tol, int check_every")
+_SOLUTION = "(Tensor f, Tensor g, Tensor n_done, Tensor error)"
+
+
+def _solution_fake(like: Tensor, n: int, m: int):
+    acc = acc_dtype(like.dtype)
+    return (like.new_empty(n, dtype=acc), like.new_empty(m, dtype=acc),
+            like.new_empty((), dtype=torch.int64), like.new_empty((), dtype=acc))
+
+
+def run_dense(backend: str, S: Tensor, p: Problem, n_iters: int, tol: Optional[float],
+              check_every: int) -> _Solution:
+    """Sinkhorn on checked scores with backend ``backend``'s kernels."""
+    row = registry.resolve(backend, "row_lse", S.device.type, S.dtype)
+    col = registry.resolve(backend, "col_lse", S.device.type, S.dtype)
+    return solve(lambda g: row(S, p.s, g), lambda f: col(S, p.s, f), p.r, p.c,
+                 n_iters=n_iters, tol=tol, check_every=check_every, init_g=p.init_g)
+
+
+def run_embeddings(backend: str, X: Tensor, Y: Tensor, p: Problem, n_iters: int,
+                   tol: Optional[float], check_every: int) -> _Solution:
+    """Sinkhorn on checked embeddings (``S = X @ Y.T``, streamed)."""
+    row = registry.resolve(backend, "row_lse_xy", X.device.type, X.dtype)
+    col = registry.resolve(backend, "col_lse_xy", X.device.type, X.dtype)
+    return solve(lambda g: row(X, Y, p.s, g), lambda f: col(X, Y, p.s, f), p.r, p.c,
+                 n_iters=n_iters, tol=tol, check_every=check_every, init_g=p.init_g)
+
+
+def _outputs(sol: _Solution):
+    return sol.f, sol.g, torch.tensor(sol.n_iters), sol.error
+
+
+def _dense_kernel(backend: str):
+    def kernel(S, scale_t, scale_f, row_mass, col_mass, init_g, n_iters, tol, check_every):
+        p = problem_values(S, *S.shape, scale_t, scale_f, row_mass, col_mass, init_g)
+        V.scores_values(S, scale=p.s)
+        return _outputs(run_dense(backend, S, p, n_iters, tol, check_every))
+    return kernel
+
+
+def _xy_kernel(backend: str):
+    def kernel(X, Y, scale_t, scale_f, row_mass, col_mass, init_g, n_iters, tol, check_every):
+        p = problem_values(X, X.shape[0], Y.shape[0], scale_t, scale_f, row_mass, col_mass,
+                           init_g)
+        V.embeddings_values(X, Y)
+        return _outputs(run_embeddings(backend, X, Y, p, n_iters, tol, check_every))
+    return kernel
+
+
+_library.define("sinkhorn", f"(Tensor S, {_SOLVE_OPTIONS}) -> {_SOLUTION}", _dense_kernel,
+                lambda S, *rest: _solution_fake(S, S.shape[0], S.shape[1]))
+_library.define("sinkhorn_embeddings", f"(Tensor X, Tensor Y, {_SOLVE_OPTIONS}) -> {_SOLUTION}",
+                _xy_kernel, lambda X, Y, *rest: _solution_fake(X, X.shape[0], Y.shape[0]))
+
+
+def _options(like: Tensor, n: int, m: int, scale, row_mass, col_mass, n_iters, tol,
+             check_every, init_g, strict, backend):
+    """The metadata checks shared by both forms (traced Python); the op checks the data."""
     V.flag("strict", strict)
-    s = V.scale(scale)
+    scale_t, scale_f = V.scale_meta(scale, like)
     V.iterations(n_iters, tol, check_every)
-    r, c = V.masses(row_mass, col_mass, n, m, like)
-    return s, r, c, V.potential("init_g", init_g, m, like)
+    r, c = V.masses_meta(row_mass, col_mass, n, m, like)
+    g0 = V.potential_meta("init_g", init_g, m, like)
+    _library.check_backend(backend, like.device)
+    detach = (lambda t: None if t is None else t.detach())
+    return (detach(scale_t), scale_f, r, c, detach(g0), n_iters,
+            None if tol is None else float(tol), check_every)
+
+
+def _result(f, g, done, error, n_iters, tol, strict) -> SinkhornResult:
+    # with tol=None the count is known without reading the device (no sync, no graph break)
+    n = n_iters if tol is None else int(done)
+    converged(n, error, n_iters, tol, strict, stacklevel=4)
+    return SinkhornResult(f, g, n, error)
 
 
 def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters: int = 100,
@@ -159,16 +292,11 @@ def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters
             whose logits are all ``-inf``), naming the row or column.
         SinkhornConvergenceError: ``strict=True`` and ``tol`` was not reached.
     """
-    S = V.scores(scores)
+    S = V.scores_meta(scores)
     N, M = S.shape
-    s, r, c, init_g = _problem(S, N, M, scale, row_mass, col_mass, n_iters, tol,
-                               check_every, init_g, strict)
-    be = get_backend(backend, S.device)
-    with torch.no_grad():
-        sol = solve(lambda g: be.row_lse(S, s, g), lambda f: be.col_lse(S, s, f), r, c,
-                    n_iters=n_iters, tol=tol, check_every=check_every, init_g=init_g,
-                    strict=strict)
-    return SinkhornResult(sol.f, sol.g, sol.n_iters, sol.error)
+    opts = _options(S, N, M, scale, row_mass, col_mass, n_iters, tol, check_every, init_g,
+                    strict, backend)
+    return _result(*_library.op("sinkhorn", backend)(S.detach(), *opts), n_iters, tol, strict)
 
 
 def sinkhorn_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_mass=None, col_mass=None,
@@ -181,13 +309,9 @@ def sinkhorn_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_mass=None, col_m
     (float64 for float64 inputs) a chunk of rows at a time, so memory stays
     O((N + M) * D + chunk * M). The options are those of :func:`sinkhorn`.
     """
-    x, y = V.embeddings(x, y)
+    x, y = V.embeddings_meta(x, y)
     N, M = x.shape[0], y.shape[0]
-    s, r, c, init_g = _problem(x, N, M, scale, row_mass, col_mass, n_iters, tol,
-                               check_every, init_g, strict)
-    be = get_backend(backend, x.device)
-    with torch.no_grad():
-        sol = solve(lambda g: be.row_lse_xy(x, y, s, g), lambda f: be.col_lse_xy(x, y, s, f),
-                    r, c, n_iters=n_iters, tol=tol, check_every=check_every, init_g=init_g,
-                    strict=strict)
-    return SinkhornResult(sol.f, sol.g, sol.n_iters, sol.error)
+    opts = _options(x, N, M, scale, row_mass, col_mass, n_iters, tol, check_every, init_g,
+                    strict, backend)
+    return _result(*_library.op("sinkhorn_embeddings", backend)(x.detach(), y.detach(), *opts),
+                   n_iters, tol, strict)

@@ -1,5 +1,6 @@
 """Shared fixtures: the oracle on the path, the backends to test, tolerance helpers."""
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -59,10 +60,10 @@ def peak():
 
 
 def cpu_backends():
-    names = ["torch"]
-    if ncl_kernels.backends()["cpu"]["usable"]:
-        names.append("cpu")
-    return names
+    """Every declared backend usable on CPU tensors here (the Triton interpreter lane and
+    the CUDA host emulation run the same suites in their own processes and fixtures)."""
+    from ncl_kernels.backends import registry
+    return [name for name in registry.names() if registry.runs_on(name, "cpu")]
 
 
 @pytest.fixture(params=cpu_backends())
@@ -73,8 +74,45 @@ def backend(request):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force every chunked primitive through many chunks on small inputs."""
-    from ncl_kernels.backends.base import Backend
-    monkeypatch.setattr(Backend, "chunk_elems", 97)
+    from ncl_kernels.backends import chunked
+    monkeypatch.setattr(chunked, "CHUNK_ELEMS", 97)
+
+
+@contextlib.contextmanager
+def registered_backend(name, obj, *, kernels=None, devices=("cpu",)):
+    """Declare ``obj`` as backend ``name`` on ``devices`` for the duration (the run-time
+    registration a plug-in would use); ``kernels`` defaults to the torch backend's table."""
+    from ncl_kernels import _library
+    from ncl_kernels.backends import registry
+
+    spec = registry.BackendSpec(
+        name=name, devices=lambda: devices, status=lambda: (True, True, ""),
+        factory=lambda: obj, kernels=kernels or registry.SPECS["torch"].kernels,
+        build="registered by a test")
+    registry.register(spec)
+    try:
+        yield spec
+    finally:
+        _library.remove_backend(name)
+
+
+@contextlib.contextmanager
+def cpu_routes(rename):
+    """``backend="auto"`` on CPU tensors takes the CUDA routes, each backend name mapped
+    through ``rename`` (e.g. to CPU stand-ins for ``cuda`` and ``triton``)."""
+    from ncl_kernels.backends import registry
+
+    table = {p: tuple(dict.fromkeys(rename.get(b, b) for b in order))
+             for p, order in registry.ROUTES["cuda"].items()}
+    wide = tuple(dict.fromkeys(rename.get(b, b) for b in registry.ROUTES_FLOAT64["cuda"]))
+    saved = registry.ROUTES["cpu"], registry.ROUTES_FLOAT64["cpu"]
+    registry.ROUTES["cpu"], registry.ROUTES_FLOAT64["cpu"] = table, wide
+    registry.clear_caches()
+    try:
+        yield
+    finally:
+        registry.ROUTES["cpu"], registry.ROUTES_FLOAT64["cpu"] = saved
+        registry.clear_caches()
 
 
 def rel_err(a, b):

@@ -1,82 +1,75 @@
-"""The custom ops: opcheck on CPU, and torch.compile(fullgraph=True) matching eager.
+"""The ops: opcheck for every op on every backend here, and torch.compile(fullgraph=True)
+of every public entry that promises it, against eager (values and gradients).
 
-Compilation is slow on a small CPU, so the compile tests are few and tiny; together they
-take well under a minute here.
+Compilation is slow on a small CPU, so the compiled problems are tiny and the compile
+tests are marked slow.
 """
 
 import pytest
 import torch
+from op_cases import entry_cases, primitive_cases
 
 import ncl_kernels as nk
+from ncl_kernels import _library
 
 from conftest import random_embeddings, random_scores
 
 OPS = torch.ops.ncl_kernels
 
 
-def _dense_args(S, scale_t, backend="torch", **kw):
-    opts = dict(scale_f=0.0 if scale_t is not None else 7.0, backend=backend,
-                row_targets=None, col_targets=None, row_mass=None, col_mass=None, f=None,
-                g=None, n_iters=3, w_row=0.5, w_col=0.5)
-    opts.update(kw)
-    return S, scale_t, *opts.values()
+def _opcheck(name, backend, args):
+    torch.library.opcheck(_library.op(name, backend), args)
 
 
-def _solved(S, s=7.0):
-    return OPS.loss(*_dense_args(S, None, scale_f=s), False)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_opcheck_every_primitive(backend, dtype):
+    for name, cases in primitive_cases(dtype).items():
+        for args in cases:
+            _opcheck(name, backend, args)
 
 
-@pytest.mark.parametrize("case", ["default", "targets_masses", "given_biases"])
-def test_opcheck_forward_ops(backend, case):
-    S = random_scores(7, 5, torch.float64, seed=1).requires_grad_()
-    x, y = random_embeddings(7, 5, 6, torch.float64, seed=1)
-    x.requires_grad_(), y.requires_grad_()
-    s = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
-    kw = {}
-    if case == "targets_masses":
-        kw = dict(row_targets=torch.tensor([0, 1, -1, 3, 4, 0, 2]),
-                  col_targets=torch.tensor([6, -1, 2, 3, 0]),
-                  row_mass=torch.rand(7, dtype=torch.float64) + 0.5, w_row=0.7)
-    elif case == "given_biases":
-        sol = nk.sinkhorn(S.detach(), 7.0, n_iters=3, tol=None)
-        kw = dict(f=sol.f, g=sol.g)
-    dense = _dense_args(S, s, backend, **kw)
-    torch.library.opcheck(OPS.loss.default, (*dense, False))
-    xy = (x, y, *dense[1:])
-    torch.library.opcheck(OPS.loss_xy.default, xy)
+def test_opcheck_every_primitive_auto():
+    for name, cases in primitive_cases(torch.float32).items():
+        for args in cases:
+            _opcheck(name, "auto", args)
 
 
-@pytest.mark.parametrize("need", [True, False])
-def test_opcheck_backward_ops(backend, need):
-    S = random_scores(7, 5, torch.float64, seed=2)
-    x, y = random_embeddings(7, 5, 6, torch.float64, seed=2)
-    _, f, g, lse_row, lse_col = _solved(S)
-    grad = torch.tensor(1.5, dtype=torch.float64)
-    common = (None, 7.0, backend, None, None, f, g, lse_row, lse_col, 0.5, 0.5)
-    torch.library.opcheck(OPS.loss_backward.default, (grad, S, *common, need))
-    torch.library.opcheck(OPS.loss_backward_.default, (grad, S.clone(), *common))
-    _, f, g, lse_row, lse_col = OPS.loss_xy(x, y, None, 7.0, backend, None, None, None, None,
-                                            None, None, 3, 0.5, 0.5)
-    torch.library.opcheck(OPS.loss_xy_backward.default,
-                          (grad, x, y, None, 7.0, backend, None, None, f, g, lse_row,
-                           lse_col, 0.5, 0.5, need, not need))
+def test_opcheck_every_entry_op(backend):
+    for name, cases in entry_cases().items():
+        for args in cases:
+            _opcheck(name, backend, args)
+
+
+def test_every_op_has_an_opcheck_case():
+    from ncl_kernels import ops
+    covered = set(primitive_cases()) | set(entry_cases())
+    assert set(ops.PRIMITIVE_OPS) <= covered
+    assert set(_library.defined()) == covered
 
 
 def test_ops_raise_the_validation_errors():
     # data checks live inside the ops: the op itself refuses bad data
     S = random_scores(4, 3, torch.float32)
     S[1, 2] = float("nan")
+    solve = (None, 7.0, None, None, None, 3, None, 1)
     with pytest.raises(ValueError, match="NaN"):
-        _solved(S)
+        OPS.sinkhorn(S, *solve)
     with pytest.raises(ValueError, match="scale must be finite"):
-        OPS.loss(*_dense_args(random_scores(4, 3, torch.float32), torch.tensor(-1.0)), False)
+        OPS.ncl_loss(random_scores(4, 3, torch.float32), torch.tensor(-1.0), 0.0, None, None,
+                     None, None, None, None, 3, 0.5, 0.5, False)
 
 
-def _run(fn, dtype, inputs, needs):
+# ---------------------------------------------------------------- compiled entries
+def _run(fn, inputs, needs):
     leaves = [t.detach().clone().requires_grad_(need) for t, need in zip(inputs, needs)]
     loss = fn(*leaves)
     loss.backward()
     return [loss.detach()] + [t.grad for t, need in zip(leaves, needs) if need]
+
+
+def _same(got, want, rtol=1e-6, atol=1e-7):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +77,14 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def recompiles(monkeypatch):
+    """Counts dynamo's compiles (the first compile of each function included)."""
+    from torch._dynamo.utils import counters
+    counters.clear()
+    yield lambda: counters["stats"]["unique_graphs"]
 
 
 @pytest.mark.slow
@@ -99,46 +100,107 @@ def test_compiled_training_step_matches_eager(backend, form):
                            backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
-    eager = _run(step, torch.float32, (x, y, s), (True, True, True))
-    ours = _run(compiled, torch.float32, (x, y, s), (True, True, True))
-    for a, b in zip(ours, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    _same(_run(compiled, (x, y, s), (True, True, True)), _run(step, (x, y, s), (True,) * 3))
     # a second batch of a new size runs through the same compiled function
     x2, y2 = random_embeddings(5, 6, 8, torch.float32, seed=4)
-    eager = _run(step, torch.float32, (x2, y2, s), (True, True, False))
-    ours = _run(compiled, torch.float32, (x2, y2, s), (True, True, False))
-    for a, b in zip(ours, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    _same(_run(compiled, (x2, y2, s), (True, True, False)),
+          _run(step, (x2, y2, s), (True, True, False)))
 
 
 @pytest.mark.slow
-def test_compiled_float_scale_and_bad_data_raises():
+@pytest.mark.parametrize("form", ["dense", "embeddings"])
+def test_compiled_sinkhorn_without_tol(backend, form):
+    x, y = random_embeddings(9, 7, 8, torch.float32, seed=5)
+    mass = torch.rand(7, dtype=torch.float32) + 0.5
+    init_g = torch.randn(7)
+
+    def solve(x, y, s):
+        opts = dict(col_mass=mass * (9 / mass.sum()), n_iters=6, tol=None, init_g=init_g,
+                    backend=backend)
+        if form == "dense":
+            return nk.sinkhorn(x @ y.T, s, **opts)
+        return nk.sinkhorn_embeddings(x, y, s, **opts)
+
+    s = torch.tensor(12.0)
+    got, want = torch.compile(solve, fullgraph=True)(x, y, s), solve(x, y, s)
+    assert got.n_iters == want.n_iters == 6
+    _same((got.f, got.g, got.error), (want.f, want.g, want.error))
+
+
+@pytest.mark.slow
+def test_compiled_gallery_bias_without_tol(backend):
+    bank, gallery = random_embeddings(12, 7, 8, torch.float32, seed=6)
+
+    def both(b, g):
+        ncl = nk.retrieval.gallery_bias(b, g, 15.0, n_iters=8, tol=None, backend=backend)
+        qb = nk.retrieval.gallery_bias(b, g, torch.tensor(15.0), method="qbnorm",
+                                       backend=backend)
+        return ncl, qb
+
+    _same(torch.compile(both, fullgraph=True)(bank, gallery), both(bank, gallery))
+
+
+@pytest.mark.slow
+def test_compiled_data_checks_still_raise_value_errors():
     x, y = random_embeddings(6, 6, 4, torch.float32, seed=5)
 
     @torch.compile(fullgraph=True)
     def step(x, y):
-        return nk.ncl_loss_embeddings(x, y, 12.0, backend="torch")
+        return (nk.ncl_loss_embeddings(x, y, 12.0, backend="torch")
+                + nk.sinkhorn(x @ y.T, 12.0, n_iters=2, tol=None, backend="torch").f.sum())
 
-    expect = nk.ncl_loss_embeddings(x, y, 12.0, backend="torch")
-    torch.testing.assert_close(step(x, y), expect)
+    step(x, y)
     bad = x.clone()
     bad[2, 1] = float("inf")
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="x contains inf"):
         step(bad, y)
+    masked = torch.full((6, 6), float("-inf"))
+    with pytest.raises(ValueError, match="infeasible"):
+        torch.compile(lambda S: nk.sinkhorn(S, 1.0, tol=None, n_iters=2),
+                      fullgraph=True)(masked)
+
+
+NCLLOSS_MODES = [
+    dict(mode="dense"), dict(mode="streaming"),
+    dict(mode="dense", queue_size=8), dict(mode="streaming", queue_size=8),
+    dict(mode="dense", queue_size=8, queue_as_negatives=False),
+    dict(mode="streaming", queue_size=8, queue_as_negatives=False),
+]
 
 
 @pytest.mark.slow
-def test_compiled_nclloss_with_queue_matches_eager():
-    # the queue changes shape while it fills (0, 4, then 6 rows): a recompile each time,
-    # then a stable graph; buffer updates happen inside the compiled step
-    eager = nk.NCLLoss(n_iters=3, queue_size=6, backend="torch")
-    module = nk.NCLLoss(n_iters=3, queue_size=6, backend="torch")
+@pytest.mark.parametrize("captions", [False, True])
+@pytest.mark.parametrize("options", NCLLOSS_MODES,
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_compiled_nclloss_matches_eager(options, captions):
+    kw = dict(n_iters=3, backend="torch", **options)
+    if "queue_size" in kw:
+        kw["embed_dim"] = 8
+    eager, module = nk.NCLLoss(**kw), nk.NCLLoss(**kw)
     compiled = torch.compile(module, fullgraph=True)
-    for step in range(4):
-        x, y = random_embeddings(4, 4, 8, torch.float32, seed=10 + step)
+    c2v = torch.tensor([0, 1, 1, 2, -1, 3]) if captions else None
+    for step in range(3):
+        x, y = random_embeddings(6 if captions else 4, 4, 8, torch.float32, seed=10 + step)
         s = torch.tensor(10.0)
-        want = _run(eager, torch.float32, (x, y, s), (True, True, True))
-        got = _run(compiled, torch.float32, (x, y, s), (True, True, True))
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        assert torch.equal(module.queue_text, eager.queue_text)
+
+        def run(m, inputs):
+            return _run(lambda a, b, t: m(a, b, t, caption_to_video=c2v), inputs,
+                        (True, True, True))
+
+        _same(run(compiled, (x, y, s)), run(eager, (x, y, s)))
+        for name, buf in eager.named_buffers():
+            assert torch.equal(getattr(module, name), buf), name
+
+
+@pytest.mark.slow
+def test_queue_of_eight_batches_fills_without_a_recompile(recompiles):
+    batch, K = 4, 32
+    module = nk.NCLLoss(n_iters=3, queue_size=K, embed_dim=8, queue_as_negatives=False,
+                        backend="torch")
+    compiled = torch.compile(module, fullgraph=True)
+    s = torch.tensor(10.0, requires_grad=True)
+    for step in range(20):
+        x, y = random_embeddings(batch, batch, 8, torch.float32, seed=30 + step)
+        compiled(x.requires_grad_(), y.requires_grad_(), s).backward()
+    assert recompiles() == 1  # the first compile only
+    assert int((module.queue_text_mass > 0).sum()) == K

@@ -23,15 +23,14 @@ from pathlib import Path
 import pytest
 import test_gpu as gpu
 import torch
-from test_auto_backend import use_as_auto
+from op_cases import primitive_cases
 
 import ncl_kernels as nk
 import python_ref as ref
-from ncl_kernels.backends import cuda as cuda_backend
-from ncl_kernels.backends.auto import AutoBackend
-from ncl_kernels.backends.torch import TorchBackend
+from ncl_kernels import _library
+from ncl_kernels.backends import cuda as cuda_backend, registry
 
-from conftest import STORAGE_DTYPES, oracle_loss_refs
+from conftest import STORAGE_DTYPES, cpu_routes, oracle_loss_refs, registered_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -104,12 +103,15 @@ class EmulatedCudaBackend(cuda_backend.CudaBackend):
 
 @pytest.fixture(scope="module")
 def emu(request):
+    """The emulated kernels, also declared as backend ``"cuda_emulated"`` on CPU tensors
+    (the CUDA backend's declaration with another device: one run-time registration)."""
     backend = EmulatedCudaBackend(_build())
     # the slab policy wants the SM count of a device: take an H200's
     patch = pytest.MonkeyPatch()
     patch.setattr(cuda_backend, "_sm_count", lambda device: 132)
     request.addfinalizer(patch.undo)
-    return backend
+    with registered_backend("cuda_emulated", backend, kernels=registry.SPECS["cuda"].kernels):
+        yield backend
 
 
 # awkward shapes that take every path: single rows/columns, rows >= 4096 (a block per
@@ -169,12 +171,22 @@ def test_misaligned_column_vectors(emu, dtype):
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
-def test_auto_mixes_the_cuda_kernels_with_another_backend(emu, monkeypatch, dtype):
-    """``backend="auto"``'s composite with these kernels on its ``cuda`` routes and the
-    torch backend standing in for ``triton`` (dense ``row_lse``): Sinkhorn and the loss
-    built from LSEs of one backend and gradients of the other match the oracle."""
-    parts = {"cuda": emu, "triton": TorchBackend(), "torch": TorchBackend()}
-    use_as_auto(monkeypatch, AutoBackend(("cuda", "triton"), parts.__getitem__))
+def test_opcheck_every_primitive(emu, dtype):
+    for name, cases in primitive_cases(dtype).items():
+        for args in cases:
+            torch.library.opcheck(_library.op(name, "cuda_emulated"), args)
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_auto_mixes_the_cuda_kernels_with_another_backend(emu, dtype):
+    """``backend="auto"``'s CUDA routes with these kernels for ``cuda`` and the torch
+    backend standing in for ``triton`` (dense ``row_lse``): Sinkhorn and the loss built
+    from LSEs of one backend and gradients of the other match the oracle."""
+    with cpu_routes({"cuda": "cuda_emulated", "triton": "torch"}):
+        _sinkhorn_and_loss_match_the_oracle(dtype)
+
+
+def _sinkhorn_and_loss_match_the_oracle(dtype):
     S0 = gpu.random_scores(67, 45, dtype, seed=3)
     out = nk.sinkhorn(S0, 10.0, n_iters=10, tol=None)
     r64 = ref.sinkhorn(S0, 10.0, n_iters=10, tol=None)

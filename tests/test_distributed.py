@@ -41,7 +41,7 @@ def _run(fn, x, y, **kw):
     return loss.detach(), x.grad, y.grad, s.grad
 
 
-def _worker(rank, world, init, out_dir, backend):
+def _worker(rank, world, init, out_dir, backend, compiled=False):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         results = {}
@@ -52,6 +52,12 @@ def _worker(rank, world, init, out_dir, backend):
                          v[cs] if k == "col_targets" else v) for k, v in kw.items()}
             results[case] = _run(nk.distributed.ncl_loss_embeddings, x[rs], y[cs],
                                  backend=backend, **local)
+        if compiled:  # the same step under torch.compile(fullgraph=True)
+            x, y, kw = _global_problem("targets_masses")
+            local = {k: (v[rs] if k in ("row_targets", "row_mass") else
+                         v[cs] if k == "col_targets" else v) for k, v in kw.items()}
+            step = torch.compile(nk.distributed.ncl_loss_embeddings, fullgraph=True)
+            results["compiled"] = _run(step, x[rs], y[cs], backend=backend, **local)
         # one rank's bad input: every rank raises instead of hanging in a collective
         x, y, _ = _global_problem("default")
         x_bad = x[_slices(ROWS[world], rank)].clone()
@@ -84,8 +90,20 @@ def test_matches_single_process(world, tmp_path, backend):
         # each rank holds its share of dscale; the shares sum to the full derivative
         assert rel_err(sum(res[case][3] for res in per_rank), ds) < 1e-8, case
     for rank, results in enumerate(per_rank):
-        expect = "NaN or inf" if rank == 1 else "rank 1 refused its input"
+        expect = "x_local contains NaN" if rank == 1 else "rank 1 refused its input"
         assert expect in results["refusal"], (rank, results["refusal"])
+
+
+@pytest.mark.slow
+def test_compiles_without_a_graph_break(tmp_path):
+    world = 2
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_worker, args=(world, init, str(tmp_path), "torch", True), nprocs=world,
+             join=True)
+    for rank in range(world):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for a, b in zip(results["compiled"], results["targets_masses"]):
+            assert rel_err(a, b) < 1e-12, rank
 
 
 def test_needs_an_initialized_group():

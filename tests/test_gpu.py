@@ -9,7 +9,7 @@ with 16-byte aligned rows; a view with a misaligned base and row stride, which t
 scalar paths), -inf masks, in-place updates on fresh copies with the caller's padding
 checked untouched. Then the properties a fast path must keep: determinism, the caller's
 stream, no host synchronization, 64-bit indexing past 2^31 elements. ``backend="auto"``
-(a mix of ``cuda`` and ``triton`` per primitive, ``backends/auto.py``) joins the property
+(a mix of ``cuda`` and ``triton`` per primitive, ``registry.ROUTES``) joins the property
 checks and the end-to-end checks against the oracle.
 
 The ``check_*`` functions take a device, so the same checks can be run on CPU tensors with
@@ -21,8 +21,8 @@ import torch
 
 import ncl_kernels as nk
 import python_ref as ref
+from ncl_kernels._dtypes import acc_dtype
 from ncl_kernels.backends import get as get_backend
-from ncl_kernels.backends.base import Backend, acc_dtype
 
 from conftest import (
     STORAGE_DTYPES,
@@ -105,8 +105,8 @@ def low_precision_view(ref32, dtype):
 
 # ---------------------------------------------------------------- checks
 def backend_for(backend, device):
-    """A backend name (looked up for ``device``) or a Backend object (used as is)."""
-    return backend if isinstance(backend, Backend) else get_backend(backend, torch.device(device))
+    """A backend name (looked up for ``device``) or a kernel object (used as is)."""
+    return get_backend(backend, torch.device(device)) if isinstance(backend, str) else backend
 
 
 def check_row_lse(backend, device, dtype, shape, layout, with_bias):

@@ -12,7 +12,7 @@ def test_backends_report_shape():
     report = nk.backends()
     assert set(report) == {"torch", "cpu", "cuda", "triton"}
     for name, info in report.items():
-        assert set(info) == {"built", "usable", "devices", "why"}
+        assert set(info) == {"built", "usable", "devices", "why", "build"}
         assert info["usable"] or info["why"], f"{name}: not usable but no reason given"
     assert report["torch"]["usable"]
 

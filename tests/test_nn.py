@@ -53,8 +53,10 @@ def test_queue_as_negatives_step_by_step(backend, mode):
         _assert_same(got, expect)
         # the current batch is enqueued after its loss; the oldest rows fall out
         qx, qy = torch.cat([qx, x])[-K:], torch.cat([qy, y])[-K:]
-        assert torch.equal(module.queue_text, qx) and torch.equal(module.queue_video, qy)
+        text, video, _ = module.queued()
+        assert torch.equal(text, qx) and torch.equal(video, qy)
         assert not module.queue_text.requires_grad
+        assert module.queue_text.shape == (K, D)  # a ring of fixed size
 
 
 def test_queue_only_shapes_the_biases(backend):
@@ -95,10 +97,13 @@ def test_several_captions_per_video(backend):
             a, b, s, n_iters=5, row_targets=c2v, col_targets=first,
             col_mass=counts * 7 / 7, backend=backend), x, y, 10.0)
         _assert_same(got, expect)
-    # with a queue, the queued videos keep their caption counts as masses
+    # with a queue, the queued videos keep their caption counts as masses (video 3, with
+    # none, has mass 0: it takes no part, as an empty slot)
     module = nk.NCLLoss(n_iters=5, queue_size=4, backend=backend)
     module(x, y, 10.0, caption_to_video=c2v)
     assert torch.equal(module.queue_video_mass, counts)
+    assert torch.equal(module.queued()[2], counts[:3]) and torch.equal(module.queued()[1],
+                                                                         y[:3])
     x2, y2 = _batch(1, n=5, v=5)
     got = _grads(module, x2, y2, 10.0)
     mass = torch.cat([torch.ones(5, dtype=torch.float64), counts])
@@ -135,8 +140,8 @@ def test_checkpoint_round_trip_continues_identically():
     b = nk.NCLLoss(n_iters=4, queue_size=6)
     b.load_state_dict(saved)
     pb = [p.detach().clone().requires_grad_() for p in pa]
-    for name in ("queue_text", "queue_video", "queue_video_mass"):
-        assert torch.equal(getattr(a, name), getattr(b, name))
+    for name, _ in a.named_buffers():
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
     la, lb = train(a, range(3, 6), pa), train(b, range(3, 6), pb)
     assert all(torch.equal(u, w) for u, w in zip(la, lb))
     assert all(torch.equal(u, w) for u, w in zip(pa, pb))
@@ -147,7 +152,8 @@ def test_queue_moves_with_the_module():
     x, y = _batch(0, dtype=torch.float32)
     module(x, y, 10.0)
     names = {name for name, _ in module.named_buffers()}
-    assert names == {"queue_text", "queue_video", "queue_video_mass"}
+    assert names == {f"queue_{side}{part}" for side in ("text", "video")
+                     for part in ("", "_mass", "_next")}
     module.double()
     assert module.queue_text.dtype == torch.float64
     module.to("meta")

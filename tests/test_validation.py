@@ -83,8 +83,11 @@ def test_bad_embeddings():
         nk.sinkhorn_embeddings(X, torch.zeros(5, 3))
     with pytest.raises(TypeError, match="same dtype"):
         nk.ncl_loss_embeddings(X, Y.double())
-    with pytest.raises(ValueError, match="NaN or inf"):
+    # the message names the argument and what was found
+    with pytest.raises(ValueError, match="y contains inf"):
         nk.sinkhorn_embeddings(X, torch.full((5, 4), math.inf))
+    with pytest.raises(ValueError, match="x contains NaN"):
+        nk.sinkhorn_embeddings(torch.full((6, 4), math.nan), Y)
     with pytest.raises(ValueError, match="2-D"):
         nk.ncl_loss_embeddings(X[0], Y)
     with pytest.raises(ValueError, match="same number of pairs"):

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .base import acc_dtype
+from .._dtypes import acc_dtype
 
 _cache: Dict[str, Tuple[Optional[object], str]] = {}
 

@@ -7,17 +7,19 @@ spread over OpenMP threads, the column pass streams ``S`` row-major in tiles of 
 allocated. Results are bitwise identical for any thread count (the work split depends on
 the shape only; partial results are merged in a fixed order).
 
-The streaming forms are the base class's generic chunked path: ``torch.matmul`` (BLAS)
-computes a chunk of rows of ``X @ Y.T`` and these dense kernels reduce it, so memory stays
-O(chunk x M).
+The streaming forms are derived (``chunked.py``): ``torch.matmul`` (BLAS) computes a chunk
+of rows of ``X @ Y.T`` and these dense kernels reduce it, so memory stays O(chunk x M).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._dtypes import acc_dtype
 from . import _native
-from .base import Backend, Tensor, acc_dtype
+from .spec import ALL, DERIVED, BackendSpec
+
+Tensor = torch.Tensor
 
 
 def status():
@@ -40,7 +42,7 @@ def _unit_columns(S: Tensor) -> Tensor:
     return S if S.shape[1] <= 1 or S.stride(1) == 1 else S.contiguous()
 
 
-class CpuBackend(Backend):
+class CpuBackend:
     name = "cpu"
 
     def __init__(self):
@@ -102,3 +104,14 @@ class CpuBackend(Backend):
         if work is not S:
             S.copy_(work)
         return S
+
+
+SPEC = BackendSpec(
+    name="cpu",
+    devices=lambda: ("cpu",),
+    status=status,
+    factory=CpuBackend,
+    kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
+             "row_lse_xy": DERIVED, "col_lse_xy": DERIVED, "ncl_grad_xy": DERIVED},
+    build="C++17/OpenMP module ncl_kernels._C_cpu (csrc/cpu), always built by pip install",
+)

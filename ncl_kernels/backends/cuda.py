@@ -3,14 +3,13 @@
 Every dense primitive has a kernel (``csrc/cuda/``): ``row_lse``, ``col_lse`` (two-stage
 over row slabs when M is small), ``ncl_grad_`` (in place or not; the dscale sum is
 reduced deterministically, without atomics) and ``apply_biases_``. The streaming
-primitives are the generic chunked ones of ``base.Backend`` on top of these. Nothing here
+primitives are derived from these (``chunked.py``: cuBLAS products of chunks of rows). Nothing here
 synchronizes the device: work buffers are allocated with PyTorch's caching allocator on
 the current stream, so freeing them on return is stream-ordered and safe.
 
-``backend="auto"`` on CUDA tensors routes ``col_lse``, ``ncl_grad_``, ``apply_biases_``,
-``ncl_grad_xy`` and all float64 work here, the primitives where these kernels measured
-fastest on an H200 (``auto.py``, bench/RESULTS.md); ``backend="cuda"`` runs every
-primitive here.
+``backend="auto"`` on CUDA tensors routes here the primitives where these kernels measured
+fastest (``registry.ROUTES``, bench/RESULTS.md); ``backend="cuda"`` runs every primitive
+here.
 """
 
 from __future__ import annotations
@@ -19,9 +18,11 @@ import contextlib
 
 import torch
 
+from .._dtypes import acc_dtype
 from . import _native
-from .base import Tensor, acc_dtype
-from .torch import TorchBackend
+from .spec import ALL, DERIVED, BackendSpec
+
+Tensor = torch.Tensor
 
 _sm_counts: dict[int, int] = {}
 
@@ -61,11 +62,11 @@ def _rows_ok(t: Tensor) -> bool:
 
 def _readable(S: Tensor) -> Tensor:
     """S itself when the kernels can address it, else a contiguous copy (e.g. an expanded
-    tensor with row stride 0; not reachable through the validated API)."""
+    tensor with row stride 0)."""
     return S if _rows_ok(S) else S.contiguous()
 
 
-class CudaBackend(TorchBackend):
+class CudaBackend:
     name = "cuda"
 
     def __init__(self):
@@ -134,8 +135,9 @@ class CudaBackend(TorchBackend):
         return ds
 
     def apply_biases_(self, S, scale, f=None, g=None):
-        if not _rows_ok(S):  # not reachable through the validated API; stay correct anyway
-            return super().apply_biases_(S, scale, f, g)
+        if not _rows_ok(S):  # the validation layer refuses such writes before this
+            raise ValueError("apply_biases_ cannot write rows that overlap (row stride "
+                             f"{S.stride(0)} < {S.shape[1]} columns)")
         N, M = S.shape
         acc = acc_dtype(S.dtype)
         f, g = _vec(f, acc), _vec(g, acc)
@@ -144,3 +146,15 @@ class CudaBackend(TorchBackend):
                                  _native.DTYPE_CODES[S.dtype], float(scale), _ptr(f), _ptr(g),
                                  stream)
         return S
+
+
+SPEC = BackendSpec(
+    name="cuda",
+    devices=lambda: ("cuda",),
+    status=status,
+    factory=CudaBackend,
+    kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
+             "row_lse_xy": DERIVED, "col_lse_xy": DERIVED, "ncl_grad_xy": DERIVED},
+    build="CUDA module ncl_kernels._C_cuda (csrc/cuda), built by pip install when nvcc is "
+          "found (NCL_CUDA=AUTO|ON|OFF)",
+)

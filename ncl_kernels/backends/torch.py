@@ -1,9 +1,10 @@
 """Pure-PyTorch backend: every primitive, on any device, in chunks of rows.
 
-It is the fallback everywhere and the template the compiled backends are measured
-against. Each primitive walks S in chunks of ``chunk_elems`` elements, so its temporaries
-stay O(chunk) rather than O(N x M); low-precision storage is upcast chunk by chunk and
-accumulated in float32.
+It is the fallback everywhere (every other backend delegates to it what it does not run
+itself) and the template the compiled backends are measured against. Each dense primitive
+walks S in chunks of ``chunked.CHUNK_ELEMS`` elements, so its temporaries stay O(chunk)
+rather than O(N x M); low-precision storage is upcast chunk by chunk and accumulated in
+float32. Its streaming primitives are the chunked ones derived from these.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from typing import Optional
 
 import torch
 
-from .base import Backend, Tensor, acc_dtype, row_chunks
+from .._dtypes import acc_dtype
+from .chunked import row_chunks
+from .spec import ALL, DERIVED, BackendSpec
+
+Tensor = torch.Tensor
 
 NEG_INF = float("-inf")
 
@@ -36,11 +41,11 @@ def _softmax_part_(x: Tensor, lse: Tensor) -> Tensor:
     return x.masked_fill_(lse == NEG_INF, 0.0)
 
 
-class TorchBackend(Backend):
+class TorchBackend:
     name = "torch"
 
     def _chunks(self, S: Tensor):
-        return row_chunks(S.shape[0], S.shape[1], self.chunk_elems)
+        return row_chunks(S.shape[0], S.shape[1])
 
     def row_lse(self, S: Tensor, scale: float, g: Optional[Tensor] = None) -> Tensor:
         acc = acc_dtype(S.dtype)
@@ -103,3 +108,15 @@ class TorchBackend(Backend):
                 L += g
             S[start:stop] = L
         return S
+
+
+SPEC = BackendSpec(
+    name="torch",
+    devices=lambda: None,
+    status=lambda: (True, True, ""),
+    factory=TorchBackend,
+    kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
+             "row_lse_xy": DERIVED, "col_lse_xy": DERIVED, "ncl_grad_xy": DERIVED},
+    build="pure PyTorch: always available, on every device",
+    fallback=None,
+)

@@ -1,15 +1,51 @@
-"""Gallery biases from a bank of training queries (SPEC.md section 4)."""
+"""Gallery biases from a bank of training queries (docs/math.md section 4)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .. import _validate as V
-from ..backends import get as get_backend
-from ..sinkhorn import sinkhorn_embeddings
+from .. import _library, _validate as V
+from .._dtypes import acc_dtype
+from ..backends import registry
+from ..sinkhorn import Problem, converged, run_embeddings, sinkhorn_embeddings
 
 Tensor = torch.Tensor
 BIAS_METHODS = ("ncl", "qbnorm")
+
+
+def qbnorm(backend: str, bank: Tensor, gallery: Tensor, s: float) -> Tensor:
+    """QB-Norm's inverted-softmax bias ``-LSE_b(s * <b, y_j>)`` on checked embeddings."""
+    col = registry.resolve(backend, "col_lse_xy", bank.device.type, bank.dtype)
+    return -col(bank, gallery, s, None)
+
+
+def _qbnorm_kernel(backend: str):
+    def kernel(bank, gallery, scale_t, scale_f):
+        s = V.scale_value(scale_t, scale_f)
+        V.embeddings_values(bank, gallery, ("bank", "gallery"))
+        return qbnorm(backend, bank, gallery, s)
+    return kernel
+
+
+_library.define("qbnorm_bias", "(Tensor bank, Tensor gallery, Tensor? scale_t, float scale_f) "
+                "-> Tensor", _qbnorm_kernel,
+                lambda bank, gallery, scale_t, scale_f: gallery.new_empty(
+                    gallery.shape[0], dtype=acc_dtype(gallery.dtype)))
+
+
+def bias_of_checked(method: str, bank: Tensor, gallery: Tensor, s: float, n_iters: int,
+                    tol: Optional[float], backend: str) -> Tensor:
+    """:func:`gallery_bias` on embeddings the caller has checked (no second NaN scan)."""
+    if method == "qbnorm":
+        return qbnorm(backend, bank, gallery, s)
+    K, M = bank.shape[0], gallery.shape[0]
+    r, c = V.masses_values(None, None, K, M, bank)
+    sol = run_embeddings(backend, bank, gallery, Problem(s, r, c, None), n_iters, tol,
+                         check_every=10)
+    converged(sol.n_iters, sol.error, n_iters, tol, strict=False, stacklevel=4)
+    return sol.g
 
 
 def gallery_bias(bank: Tensor, gallery: Tensor, scale=1.0, *, method: str = "ncl",
@@ -18,20 +54,22 @@ def gallery_bias(bank: Tensor, gallery: Tensor, scale=1.0, *, method: str = "ncl
     """The (M,) bias to add to ``scale * <q, y_j>`` when ranking the gallery.
 
     ``method="ncl"``: ``g`` of Sinkhorn on ``scale * bank @ gallery.T`` with ``r = 1``,
-    ``c = K / M`` (SPEC.md section 4), through :func:`ncl_kernels.sinkhorn_embeddings`:
-    the backend's streaming primitives, never K x M in memory. ``method="qbnorm"``:
-    QB-Norm's inverted softmax ``-LSE_b(scale * <b, y_j>)`` (``scale`` plays QB-Norm's
-    beta), one streaming column pass. ``n_iters``/``tol`` apply to ``"ncl"`` only.
-    Video-to-text: call it with the roles swapped.
+    ``c = K / M`` (docs/math.md section 4), through
+    :func:`ncl_kernels.sinkhorn_embeddings`: the backend's streaming primitives, never
+    K x M in memory. ``method="qbnorm"``: QB-Norm's inverted softmax
+    ``-LSE_b(scale * <b, y_j>)`` (``scale`` plays QB-Norm's beta), one streaming column
+    pass. ``n_iters``/``tol`` apply to ``"ncl"`` only. Video-to-text: call it with the
+    roles swapped. With ``tol=None`` (or ``method="qbnorm"``) it compiles with
+    ``torch.compile(fullgraph=True)``.
 
     Returns:
         (M,) float32 (float64 for float64 embeddings) on the gallery's device.
     """
     V.choice("method", method, BIAS_METHODS)
-    B, Y = V.embeddings(bank, gallery, ("bank", "gallery"))
+    B, Y = V.embeddings_meta(bank, gallery, ("bank", "gallery"))
     if method == "ncl":
         return sinkhorn_embeddings(B, Y, scale, n_iters=n_iters, tol=tol, backend=backend).g
-    s = V.scale(scale)
-    be = get_backend(backend, B.device)
-    with torch.no_grad():
-        return -be.col_lse_xy(B, Y, s, None)
+    scale_t, scale_f = V.scale_meta(scale, B)
+    _library.check_backend(backend, B.device)
+    return _library.op("qbnorm_bias", backend)(
+        B.detach(), Y.detach(), None if scale_t is None else scale_t.detach(), scale_f)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import _validate as V
-from ..backends import get as get_backend
+from .. import _library, _validate as V
+from ..backends import registry
 from . import _stream
-from ._bias import gallery_bias
+from ._bias import bias_of_checked
 from ._metrics import metrics
 from ._scorers import DualSoftmaxScorer, LinearScorer
 
@@ -40,15 +40,18 @@ def evaluate(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
     ``beta`` (the QB-Norm / dual-softmax inverse temperature) defaults to ``scale``.
     ``targets`` as in :func:`ranks` ((Q,) or (Q, P) padded with -1). Every pass streams over
     the gallery in chunks (:func:`ranks`); the bank passes go through the backend seam.
+    Each input is scanned for NaN and inf once.
     """
     V.choice("method", method, EVAL_METHODS)
     Q, Y = V.embeddings(queries, gallery, ("queries", "gallery"))
     s = V.scale(scale)
     b = s if beta is None else V.scale(beta)
+    _library.check_backend(backend, Q.device)
     if method in NEEDS_BANK:
         if bank is None:
             raise ValueError(f"method={method!r} needs a bank of training queries (bank=...)")
-        V.embeddings(bank, Y, ("bank", "gallery"))
+        V.embeddings_meta(bank, Y, ("bank", "gallery"))
+        V.finite("bank", bank)
     if chunk is not None:
         chunk = V.positive_int("chunk", chunk)
     T = V.retrieval_targets(targets, Q.shape[0], Y.shape[0], Q.device)
@@ -58,13 +61,12 @@ def evaluate(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
             r, _ = _stream.rank_one_pass(LinearScorer(Q, Y, 1.0), T, chunk_q)
         elif method in ("ncl", "qbnorm"):
             s_rank = s if method == "ncl" else b
-            bias = gallery_bias(bank, Y, s_rank, method=method, n_iters=n_iters, tol=tol,
-                                backend=backend)
+            bias = bias_of_checked(method, bank, Y, s_rank, n_iters, tol, backend)
             r, _ = _stream.rank_one_pass(LinearScorer(Q, Y, s_rank, bias), T, chunk_q)
         elif method == "qbnorm_dynamic":
             r = _dynamic_ranks(Q, Y, T, bank, b, chunk, backend)
         else:
-            lse = get_backend(backend, Q.device).col_lse_xy(Q, Y, b, None)
+            lse = registry.resolve(backend, "col_lse_xy", Q.device.type, Q.dtype)(Q, Y, b, None)
             r, _ = _stream.rank_one_pass(DualSoftmaxScorer(Q, Y, b, lse), T, chunk_q)
     return metrics(r)
 
@@ -78,7 +80,7 @@ def _dynamic_ranks(Q, Y, T, bank, beta, chunk, backend) -> Tensor:
     query_top = _stream.argmax(LinearScorer(Q, Y, 1.0),
                                _stream.default_chunk(Q.shape[0], M, chunk))
     use_is = active[query_top]
-    bias = gallery_bias(bank, Y, beta, method="qbnorm", backend=backend)
+    bias = bias_of_checked("qbnorm", bank, Y, beta, 0, None, backend)
     r = torch.empty(Q.shape[0], dtype=torch.int64, device=Q.device)
     for rows, scorer in ((use_is, LinearScorer(Q[use_is], Y, beta, bias)),
                          (~use_is, LinearScorer(Q[~use_is], Y, 1.0))):

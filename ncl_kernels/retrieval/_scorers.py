@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.base import acc_dtype
+from .._dtypes import acc_dtype
 
 Tensor = torch.Tensor
 

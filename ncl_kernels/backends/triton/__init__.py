@@ -19,6 +19,8 @@ import os
 import sys
 from typing import Optional, Tuple
 
+from ..spec import FLOAT, BackendSpec
+
 _import_error: Optional[str] = None
 
 
@@ -34,8 +36,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def devices() -> str:
-    return "cpu" if interpreting() else "cuda"
+def devices() -> Tuple[str, ...]:
+    return ("cpu",) if interpreting() else ("cuda",)
 
 
 def _importable() -> Tuple[bool, str]:
@@ -66,3 +68,15 @@ def status() -> Tuple[bool, bool, str]:
 def make_backend():
     from .backend import TritonBackend
     return TritonBackend()
+
+
+SPEC = BackendSpec(
+    name="triton",
+    devices=devices,
+    status=status,
+    factory=make_backend,
+    kernels={p: FLOAT for p in ("row_lse", "col_lse", "ncl_grad_", "apply_biases_",
+                                "row_lse_xy", "col_lse_xy", "ncl_grad_xy")},
+    build="Triton kernels (ncl_kernels/backends/triton), compiled on first use; needs "
+          "pip install 'ncl_kernels[triton]' and a CUDA GPU, or TRITON_INTERPRET=1",
+)

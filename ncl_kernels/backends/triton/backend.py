@@ -1,7 +1,8 @@
 """``TritonBackend``: launchers for the kernels of ``dense.py`` and ``streaming.py``.
 
 Storage float32, bfloat16 and float16 run in Triton; float64 (which the GPU's tensor cores
-and these kernels do not target) is delegated to the PyTorch backend it inherits from.
+and these kernels do not target) is delegated by the registry to the ``torch`` backend
+(the ``kernels`` table of ``SPEC`` in ``__init__.py``).
 
 Block sizes come from :meth:`TritonBackend._cap`-ed heuristics (not autotuned: autotuning
 would recompile per shape and is untestable without a GPU). ``block_cap`` lowers every
@@ -27,11 +28,8 @@ from typing import Optional
 import torch
 import triton
 
-from ..base import Tensor
-from ..torch import TorchBackend
 from . import dense, interpreting, streaming
 
-_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
@@ -48,7 +46,10 @@ def _vec(v: Optional[Tensor]) -> Optional[Tensor]:
     return None if v is None else v.contiguous()
 
 
-class TritonBackend(TorchBackend):
+Tensor = torch.Tensor
+
+
+class TritonBackend:
     name = "triton"
     #: upper bound on every block size (None: the heuristics' own); at least 16
     block_cap: Optional[int] = None
@@ -65,8 +66,6 @@ class TritonBackend(TorchBackend):
     def _cap(self, block: int) -> int:
         return block if self.block_cap is None else max(16, min(block, self.block_cap))
 
-    def _ours(self, t: Tensor) -> bool:
-        return t.dtype in _TRITON_DTYPES
 
     def _device(self, t: Tensor):
         # Triton launches on the current CUDA device: make the tensor's device current
@@ -93,8 +92,6 @@ class TritonBackend(TorchBackend):
 
     # -- dense primitives ----------------------------------------------------------------
     def row_lse(self, S: Tensor, scale: float, g: Optional[Tensor] = None) -> Tensor:
-        if not self._ours(S):
-            return super().row_lse(S, scale, g)
         N, M = S.shape
         out = torch.empty(N, dtype=torch.float32, device=S.device)
         block_m = self._cap(min(1024, _pow2(M)))
@@ -108,8 +105,6 @@ class TritonBackend(TorchBackend):
         return out
 
     def col_lse(self, S: Tensor, scale: float, f: Optional[Tensor] = None) -> Tensor:
-        if not self._ours(S):
-            return super().col_lse(S, scale, f)
         N, M = S.shape
         block_m = self._cap(min(128, _pow2(M)))
         block_n = self._cap(32)
@@ -130,9 +125,6 @@ class TritonBackend(TorchBackend):
 
     def ncl_grad_(self, S, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
                   out=None, row_offset=0):
-        if not self._ours(S):
-            return super().ncl_grad_(S, scale, f, g, lse_row, lse_col, coef_row, coef_col,
-                                     y, z, out=out, row_offset=row_offset)
         N, M = S.shape
         block_m = self._cap(min(128, _pow2(M)))
         block_n = self._cap(32)
@@ -149,8 +141,6 @@ class TritonBackend(TorchBackend):
         return part.sum()
 
     def apply_biases_(self, S, scale, f=None, g=None):
-        if not self._ours(S):
-            return super().apply_biases_(S, scale, f, g)
         N, M = S.shape
         block_m = self._cap(min(128, _pow2(M)))
         block_n = self._cap(32)
@@ -178,8 +168,6 @@ class TritonBackend(TorchBackend):
 
     def row_lse_xy(self, X: Tensor, Y: Tensor, scale: float,
                    g: Optional[Tensor] = None) -> Tensor:
-        if not self._ours(X):
-            return super().row_lse_xy(X, Y, scale, g)
         N, M, D, *strides = self._args_xy(X, Y)
         block_n, block_m, block_d, warps, stages = self._xy_blocks(X, D)
         out = torch.empty(N, dtype=torch.float32, device=X.device)
@@ -193,14 +181,13 @@ class TritonBackend(TorchBackend):
                 enable_fp_fusion=False)
         return out
 
-    # col_lse_xy: the inherited ``row_lse_xy(Y, X, scale, f)``, i.e. the same kernel with
-    # the roles swapped.
+    def col_lse_xy(self, X: Tensor, Y: Tensor, scale: float,
+                   f: Optional[Tensor] = None) -> Tensor:
+        # LSE over the rows of X @ Y.T is LSE over the columns of Y @ X.T: the same kernel
+        return self.row_lse_xy(Y, X, scale, f)
 
     def ncl_grad_xy(self, X, Y, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
                     need_dx=True, need_dy=True):
-        if not self._ours(X):
-            return super().ncl_grad_xy(X, Y, scale, f, g, lse_row, lse_col, coef_row,
-                                       coef_col, y, z, need_dx=need_dx, need_dy=need_dy)
         N, M, D, *strides = self._args_xy(X, Y)
         prec = self._precision()
         wide = X.dtype == torch.float32
