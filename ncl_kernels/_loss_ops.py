@@ -68,12 +68,12 @@ def _coefficients(grad, like, n, m, row_targets, col_targets, w_row, w_col):
 
 def _dense_kernel(backend: str):
     def kernel(S, scale_t, scale_f, row_targets, col_targets, row_mass, col_mass, f, g,
-               n_iters, w_row, w_col, inplace_backward):
+               n_iters, w_row, w_col, inplace_backward, name="scores"):
         # inplace_backward is read only by the registered backward
         N, M = S.shape
         p = LM.loss_problem(S, N, M, scale_t, scale_f, row_targets, col_targets, row_mass,
                             col_mass, f, g)
-        V.scores_values(S, scale=p.s)
+        V.scores_values(S, name, scale=p.s)
         acc = acc_dtype(S.dtype)
         rows = torch.arange(N, device=S.device)
         cols = torch.arange(M, device=S.device)
@@ -127,12 +127,14 @@ def _dscale(ctx, index: int, ds: Tensor, scale_t) -> Tensor | None:
 
 
 def _dense_setup(ctx, inputs, output):
+    # (the name, last, may be left out by a direct caller: it has a default)
     (S, scale_t, scale_f, row_targets, col_targets, _r, _c, _f, _g, _n, w_row, w_col,
-     inplace) = inputs
+     inplace) = inputs[:13]
     _loss, f, g, lse_row, lse_col = output
     ctx.mark_non_differentiable(f, g, lse_row, lse_col)   # stop-gradient biases
     ctx.save_for_backward(S, scale_t, row_targets, col_targets, f, g, lse_row, lse_col)
     ctx.options = (scale_f, w_row, w_col, inplace)
+    ctx.n_inputs = len(inputs)
 
 
 _TWICE = ("ncl_loss(..., inplace_backward=True) has already written its gradient over the "
@@ -165,7 +167,7 @@ def _dense_backward(backend: str):
         else:
             dS, ds = backward_op(grad, S, *args, need_S)
             dS = dS if need_S else None
-        return (dS, _dscale(ctx, 1, ds, scale_t)) + (None,) * 11
+        return (dS, _dscale(ctx, 1, ds, scale_t)) + (None,) * (ctx.n_inputs - 2)
     return backward
 
 
@@ -175,7 +177,8 @@ _library.define("ncl_loss_backward",
 _library.define("ncl_loss_backward_", f"(Tensor grad, Tensor(a!) S, {_SOLVED}) -> Tensor",
                 _dense_backward_inplace_kernel,
                 lambda grad, S, *rest: S.new_empty((), dtype=acc_dtype(S.dtype)))
-_library.define("ncl_loss", f"(Tensor S, {_PROBLEM}, bool inplace_backward) -> {_FORWARD}",
+_library.define("ncl_loss",
+                f'(Tensor S, {_PROBLEM}, bool inplace_backward, str name="scores") -> {_FORWARD}',
                 _dense_kernel, lambda S, *rest: _fake_forward(S, S.shape[0], S.shape[1]),
                 autograd=(_dense_backward, _dense_setup))
 
@@ -184,11 +187,11 @@ _library.define("ncl_loss", f"(Tensor S, {_PROBLEM}, bool inplace_backward) -> {
 
 def _xy_kernel(backend: str):
     def kernel(X, Y, scale_t, scale_f, row_targets, col_targets, row_mass, col_mass, f, g,
-               n_iters, w_row, w_col):
+               n_iters, w_row, w_col, x_name="x", y_name="y"):
         N, M = X.shape[0], Y.shape[0]
         p = LM.loss_problem(X, N, M, scale_t, scale_f, row_targets, col_targets, row_mass,
                             col_mass, f, g)
-        V.embeddings_values(X, Y)
+        V.embeddings_values(X, Y, (x_name, y_name))
         acc = acc_dtype(X.dtype)
         row, col = _kernels(backend, X, "row_lse_xy", "col_lse_xy")
         b = LM.biases_and_lses(lambda g_: row(X, Y, p.s, g_), lambda f_: col(X, Y, p.s, f_),
@@ -225,11 +228,12 @@ def _xy_backward_fake(grad, X, Y, *rest):
 
 def _xy_setup(ctx, inputs, output):
     (X, Y, scale_t, scale_f, row_targets, col_targets, _r, _c, _f, _g, _n, w_row,
-     w_col) = inputs
+     w_col) = inputs[:13]
     _loss, f, g, lse_row, lse_col = output
     ctx.mark_non_differentiable(f, g, lse_row, lse_col)   # stop-gradient biases
     ctx.save_for_backward(X, Y, scale_t, row_targets, col_targets, f, g, lse_row, lse_col)
     ctx.options = (scale_f, w_row, w_col)
+    ctx.n_inputs = len(inputs)
 
 
 def _xy_backward(backend: str):
@@ -242,13 +246,15 @@ def _xy_backward(backend: str):
         dX, dY, ds = backward_op(grad, X, Y, scale_t, scale_f, row_targets, col_targets, f, g,
                                  lse_row, lse_col, w_row, w_col, need_x, need_y)
         return ((dX if need_x else None, dY if need_y else None,
-                 _dscale(ctx, 2, ds, scale_t)) + (None,) * 10)
+                 _dscale(ctx, 2, ds, scale_t)) + (None,) * (ctx.n_inputs - 3))
     return backward
 
 
 _library.define("ncl_loss_embeddings_backward",
                 f"(Tensor grad, Tensor X, Tensor Y, {_SOLVED}, bool need_x, bool need_y) -> "
                 "(Tensor, Tensor, Tensor)", _xy_backward_kernel, _xy_backward_fake)
-_library.define("ncl_loss_embeddings", f"(Tensor X, Tensor Y, {_PROBLEM}) -> {_FORWARD}",
+_library.define("ncl_loss_embeddings",
+                f'(Tensor X, Tensor Y, {_PROBLEM}, str x_name="x", str y_name="y") '
+                f"-> {_FORWARD}",
                 _xy_kernel, lambda X, Y, *rest: _fake_forward(X, X.shape[0], Y.shape[0]),
                 autograd=(_xy_backward, _xy_setup))

@@ -72,6 +72,9 @@ def scores_values(S: Tensor, name: str = "scores", scale: Optional[float] = None
     if math.isnan(top):
         raise ValueError(f"{name} contains NaN")
     if top == INF:
+        if "@" in name:  # a product of finite embeddings (checked before) overflowed
+            raise ValueError(f"{name} overflows {S.dtype}: the embeddings are finite but "
+                             f"their products are not; normalize them")
         raise ValueError(f"{name} contains +inf (-inf is allowed as a mask)")
     acc = acc_dtype(S.dtype)
     if scale is not None and scale * top > torch.finfo(acc).max:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _library, _loss_ops, _validate as V  # noqa: F401 (_loss_ops defines the ops)
+from . import _library, _loss_ops, _materialize as M_, _validate as V  # noqa: F401
 from ._dtypes import acc_dtype
 
 Tensor = torch.Tensor
@@ -69,25 +69,43 @@ def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
     N, M = S.shape
     options = _loss_options(S, N, M, scale, row_targets, col_targets, n_iters, f, g, weights,
                             row_mass, col_mass, backend)
-    return _library.op("ncl_loss", backend)(S, *options, inplace)[0]
+    return _library.op("ncl_loss", backend)(S, *options, inplace, "scores")[0]
 
 
 def ncl_loss_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_targets=None,
                         col_targets=None, n_iters: int = 4, f=None, g=None,
                         weights=(0.5, 0.5), row_mass=None, col_mass=None,
-                        backend: str = "auto") -> Tensor:
-    """:func:`ncl_loss` on ``scores = x @ y.T`` without materializing it.
+                        backend: str = "auto", materialize: bool | None = None,
+                        memory_budget: int | None = None) -> Tensor:
+    """:func:`ncl_loss` on ``scores = x @ y.T``, streamed or formed once.
 
-    Forward and backward stream over chunks of rows (the backward recomputes each chunk of
-    ``x @ y.T``), so memory stays O((N + M) * D + chunk * M). Gradients flow to ``x``,
-    ``y`` and a tensor ``scale``. Options as in :func:`ncl_loss` (there is no
-    ``inplace_backward``: no N x M buffer exists to reuse).
+    Streaming (forward and backward over tiles or chunks of rows; the backward recomputes
+    each one) keeps memory O((N + M) * D + chunk). Forming S once in float32 (then the dense
+    loss, its gradient written over S) is faster where it fits: ``materialize=None``
+    decides by the cost model of ``ncl_kernels/_materialize.py`` under ``memory_budget``
+    bytes (default 256 MiB), ``True`` forms S whatever its size, ``False`` always streams.
+    Gradients flow to ``x``, ``y`` and a tensor ``scale``. The other options are those of
+    :func:`ncl_loss`.
     """
-    X, Y = V.embeddings_meta(x, y)
+    return embeddings_loss(x, y, scale, ("x", "y"), row_targets=row_targets,
+                           col_targets=col_targets, n_iters=n_iters, f=f, g=g,
+                           weights=weights, row_mass=row_mass, col_mass=col_mass,
+                           backend=backend, materialize=materialize,
+                           memory_budget=memory_budget)
+
+
+def embeddings_loss(x, y, scale, names, *, row_targets, col_targets, n_iters, f, g, weights,
+                    row_mass, col_mass, backend, materialize, memory_budget) -> Tensor:
+    """:func:`ncl_loss_embeddings` with the caller's names for ``x`` and ``y``."""
+    X, Y = V.embeddings_meta(x, y, names)
     N, M = X.shape[0], Y.shape[0]
     options = _loss_options(X, N, M, scale, row_targets, col_targets, n_iters, f, g, weights,
                             row_mass, col_mass, backend)
-    return _library.op("ncl_loss_embeddings", backend)(X, Y, *options)[0]
+    if M_.choose(materialize, memory_budget, X, Y, passes=2 * n_iters + 1, backward=True):
+        S = M_.checked_product(X, Y, names)
+        return _library.op("ncl_loss", backend)(S, *options, True,
+                                                f"{names[0]} @ {names[1]}.T")[0]
+    return _library.op("ncl_loss_embeddings", backend)(X, Y, *options, *names)[0]
 
 
 def apply_biases_(scores: Tensor, scale=1.0, f=None, g=None, *, backend: str = "auto") -> Tensor:

@@ -7,9 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _validate as V
-from .loss import ncl_loss, ncl_loss_embeddings
-from .sinkhorn import sinkhorn, sinkhorn_embeddings
+from . import _materialize as M_, _validate as V
+from .loss import embeddings_loss
+from .sinkhorn import embeddings_solution
 
 Tensor = torch.Tensor
 MODES = ("auto", "dense", "streaming")
@@ -17,6 +17,7 @@ MODES = ("auto", "dense", "streaming")
 #: and the next slot to write (a ring)
 _SIDES = ("text", "video")
 _QUEUE = tuple(f"queue_{side}{part}" for side in _SIDES for part in ("", "_mass", "_next"))
+NAMES = ("text_features", "video_features")
 
 
 def _pad_targets(t: Optional[Tensor], n: int) -> Optional[Tensor]:
@@ -70,11 +71,12 @@ class NCLLoss(nn.Module):
         queue_size: K (0: no queue).
         queue_as_negatives: see above.
         embed_dim: D, to allocate the queue at construction (see above).
-        mode: ``"dense"`` forms the score matrix with autograd and runs the dense loss with
-            ``inplace_backward=True`` (the matrix is internal, so its storage is reused for
-            its gradient; a second backward through the same step is then refused);
-            ``"streaming"`` never forms it; ``"auto"`` streams once the matrix (queue
-            included) would exceed ``stream_above`` elements.
+        mode: ``"dense"`` forms the score matrix once (float32, with autograd) and runs the
+            dense loss with ``inplace_backward=True`` (the matrix is internal, so its
+            storage is reused for its gradient; a second backward through the same step is
+            then refused); ``"streaming"`` never forms it; ``"auto"`` forms it when it has
+            at most ``stream_above`` elements (queue included) and the cost model of
+            :func:`ncl_kernels.ncl_loss_embeddings` says that is faster.
         backend: see :func:`ncl_kernels.backends`.
     """
 
@@ -234,15 +236,13 @@ class NCLLoss(nn.Module):
             # proportional to caption counts, with the rows' total (docs/math.md section
             # 1), decided without reading data so that a compiled step never branches on it
             col_mass = col_mass * (row_mass.sum() / col_mass.sum())
-        dense = self.mode == "dense" or (self.mode == "auto" and NT * MT <= self.stream_above)
+        dense = self._dense(X, Y)
         options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend,
                        row_targets=y_t, col_targets=z_t, row_mass=row_mass,
                        col_mass=col_mass)
         if self.queue_as_negatives or queue is None:
-            if dense:
-                loss = ncl_loss(X @ Y.T, scale, inplace_backward=True, **options)
-            else:
-                loss = ncl_loss_embeddings(X, Y, scale, **options)
+            loss = embeddings_loss(X, Y, scale, NAMES, f=None, g=None, materialize=dense,
+                                   memory_budget=None, **options)
         else:
             loss = self._batch_block_loss(x, y, X, Y, scale, dense, options)
         if queue is not None:
@@ -251,22 +251,27 @@ class NCLLoss(nn.Module):
             self._enqueue("video", y, ones[:Vb] if counts is None else counts)
         return loss
 
+    def _dense(self, X: Tensor, Y: Tensor) -> bool:
+        """Whether to form the score matrix (``mode``; for "auto" the cost model)."""
+        if self.mode != "auto":
+            return self.mode == "dense"
+        budget = self.stream_above * (8 if X.dtype == torch.float64 else 4)
+        return M_.choose(None, budget, X, Y, passes=2 * self.n_iters + 1, backward=True)
+
     def _batch_block_loss(self, x, y, X, Y, scale, dense, options) -> Tensor:
         """Biases from the whole problem, the loss softmax over the batch block only."""
         N, Vb = x.shape[0], y.shape[0]
-        solve = dict(row_mass=options["row_mass"], col_mass=options["col_mass"],
-                     n_iters=self.n_iters, tol=None, backend=self.backend)
         detached = scale.detach() if isinstance(scale, Tensor) else scale
-        if dense:
-            sol = sinkhorn(X.detach() @ Y.detach().T, detached, **solve)
-        else:
-            sol = sinkhorn_embeddings(X.detach(), Y.detach(), detached, **solve)
-        options = dict(n_iters=0, weights=self.weights, backend=self.backend,
-                       row_targets=options["row_targets"][:N],
-                       col_targets=options["col_targets"][:Vb], f=sol.f[:N], g=sol.g[:Vb])
-        if dense:
-            return ncl_loss(x @ y.T, scale, inplace_backward=True, **options)
-        return ncl_loss_embeddings(x, y, scale, **options)
+        sol = embeddings_solution(X.detach(), Y.detach(), detached, NAMES,
+                                  row_mass=options["row_mass"], col_mass=options["col_mass"],
+                                  n_iters=self.n_iters, tol=None, check_every=1, init_g=None,
+                                  backend=self.backend, strict=False, materialize=dense,
+                                  memory_budget=None)
+        return embeddings_loss(x, y, scale, NAMES, n_iters=0, weights=self.weights,
+                               backend=self.backend, row_targets=options["row_targets"][:N],
+                               col_targets=options["col_targets"][:Vb], f=sol.f[:N],
+                               g=sol.g[:Vb], row_mass=None, col_mass=None, materialize=dense,
+                               memory_budget=None)
 
     def extra_repr(self) -> str:
         return (f"n_iters={self.n_iters}, weights={self.weights}, mode={self.mode!r}, "

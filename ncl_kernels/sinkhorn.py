@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import _library, _validate as V
+from . import _library, _materialize as M_, _validate as V
 from ._dtypes import acc_dtype
 from .backends import registry
 
@@ -216,26 +216,32 @@ def _outputs(sol: _Solution):
 
 
 def _dense_kernel(backend: str):
-    def kernel(S, scale_t, scale_f, row_mass, col_mass, init_g, n_iters, tol, check_every):
+    def kernel(S, scale_t, scale_f, row_mass, col_mass, init_g, n_iters, tol, check_every,
+               name="scores"):
         p = problem_values(S, *S.shape, scale_t, scale_f, row_mass, col_mass, init_g)
-        V.scores_values(S, scale=p.s)
+        V.scores_values(S, name, scale=p.s)
         return _outputs(run_dense(backend, S, p, n_iters, tol, check_every))
     return kernel
 
 
 def _xy_kernel(backend: str):
-    def kernel(X, Y, scale_t, scale_f, row_mass, col_mass, init_g, n_iters, tol, check_every):
+    def kernel(X, Y, scale_t, scale_f, row_mass, col_mass, init_g, n_iters, tol, check_every,
+               x_name="x", y_name="y"):
         p = problem_values(X, X.shape[0], Y.shape[0], scale_t, scale_f, row_mass, col_mass,
                            init_g)
-        V.embeddings_values(X, Y)
+        V.embeddings_values(X, Y, (x_name, y_name))
         return _outputs(run_embeddings(backend, X, Y, p, n_iters, tol, check_every))
     return kernel
 
 
-_library.define("sinkhorn", f"(Tensor S, {_SOLVE_OPTIONS}) -> {_SOLUTION}", _dense_kernel,
+# the caller's names of the inputs travel with them, for the messages of the data checks
+_library.define("sinkhorn",
+                f'(Tensor S, {_SOLVE_OPTIONS}, str name="scores") -> {_SOLUTION}', _dense_kernel,
                 lambda S, *rest: _solution_fake(S, S.shape[0], S.shape[1]))
-_library.define("sinkhorn_embeddings", f"(Tensor X, Tensor Y, {_SOLVE_OPTIONS}) -> {_SOLUTION}",
-                _xy_kernel, lambda X, Y, *rest: _solution_fake(X, X.shape[0], Y.shape[0]))
+_library.define("sinkhorn_embeddings",
+                f'(Tensor X, Tensor Y, {_SOLVE_OPTIONS}, str x_name="x", str y_name="y") -> '
+                f"{_SOLUTION}", _xy_kernel,
+                lambda X, Y, *rest: _solution_fake(X, X.shape[0], Y.shape[0]))
 
 
 def _options(like: Tensor, n: int, m: int, scale, row_mass, col_mass, n_iters, tol,
@@ -296,22 +302,43 @@ def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters
     N, M = S.shape
     opts = _options(S, N, M, scale, row_mass, col_mass, n_iters, tol, check_every, init_g,
                     strict, backend)
-    return _result(*_library.op("sinkhorn", backend)(S.detach(), *opts), n_iters, tol, strict)
+    return _result(*_library.op("sinkhorn", backend)(S.detach(), *opts, "scores"), n_iters, tol,
+                   strict)
 
 
 def sinkhorn_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_mass=None, col_mass=None,
                         n_iters: int = 100, tol: Optional[float] = 1e-4,
-                        check_every: int = 10, init_g=None,
-                        backend: str = "auto", strict: bool = False) -> SinkhornResult:
-    """:func:`sinkhorn` on ``scores = x @ y.T`` without materializing it.
+                        check_every: int = 10, init_g=None, backend: str = "auto",
+                        strict: bool = False, materialize: Optional[bool] = None,
+                        memory_budget: Optional[int] = None) -> SinkhornResult:
+    """:func:`sinkhorn` on ``scores = x @ y.T``, streamed or formed once.
 
-    ``x`` (N, D) and ``y`` (M, D) share dtype and device. The product is formed in float32
-    (float64 for float64 inputs) a chunk of rows at a time, so memory stays
-    O((N + M) * D + chunk * M). The options are those of :func:`sinkhorn`.
+    ``x`` (N, D) and ``y`` (M, D) share dtype and device. The scores are formed in float32
+    (float64 for float64 inputs). Streaming forms them a tile or a chunk of rows at a time
+    in every pass, so memory stays O((N + M) * D + chunk); forming S once (float32, then the
+    dense passes) is faster where it fits. ``materialize=None`` decides by the cost model of
+    ``ncl_kernels/_materialize.py`` under ``memory_budget`` bytes (default 256 MiB);
+    ``True`` forms S whatever its size, ``False`` always streams. The other options are
+    those of :func:`sinkhorn`.
     """
-    x, y = V.embeddings_meta(x, y)
+    return embeddings_solution(x, y, scale, ("x", "y"), row_mass=row_mass, col_mass=col_mass,
+                               n_iters=n_iters, tol=tol, check_every=check_every,
+                               init_g=init_g, backend=backend, strict=strict,
+                               materialize=materialize, memory_budget=memory_budget)
+
+
+def embeddings_solution(x, y, scale, names, *, row_mass, col_mass, n_iters, tol, check_every,
+                        init_g, backend, strict, materialize, memory_budget) -> SinkhornResult:
+    """:func:`sinkhorn_embeddings` with the caller's names for ``x`` and ``y``."""
+    x, y = V.embeddings_meta(x, y, names)
     N, M = x.shape[0], y.shape[0]
     opts = _options(x, N, M, scale, row_mass, col_mass, n_iters, tol, check_every, init_g,
                     strict, backend)
-    return _result(*_library.op("sinkhorn_embeddings", backend)(x.detach(), y.detach(), *opts),
-                   n_iters, tol, strict)
+    # a tol usually stops early: count the iterations up to the second look
+    iters = n_iters if tol is None else min(n_iters, 2 * check_every)
+    if M_.choose(materialize, memory_budget, x, y, passes=2 * iters + 1, backward=False):
+        S = M_.checked_product(x.detach(), y.detach(), names)
+        out = _library.op("sinkhorn", backend)(S, *opts, f"{names[0]} @ {names[1]}.T")
+    else:
+        out = _library.op("sinkhorn_embeddings", backend)(x.detach(), y.detach(), *opts, *names)
+    return _result(*out, n_iters, tol, strict)

@@ -15,6 +15,9 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import ncl_kernels  # noqa: E402
+from ncl_kernels import _materialize  # noqa: E402
+
+_REAL_BUDGET = _materialize.DEFAULT_BUDGET
 
 STORAGE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -69,6 +72,19 @@ def cpu_backends():
 @pytest.fixture(params=cpu_backends())
 def backend(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _stream_by_default(monkeypatch):
+    """The embedding forms stream unless a test asks otherwise: most suites here check the
+    streaming kernels, which the cost model would skip on small CPU problems (it forms S
+    once when that is faster). Tests of that choice use ``real_materialize_policy``."""
+    monkeypatch.setattr(_materialize, "DEFAULT_BUDGET", 0)
+
+
+@pytest.fixture
+def real_materialize_policy(monkeypatch):
+    monkeypatch.setattr(_materialize, "DEFAULT_BUDGET", _REAL_BUDGET)
 
 
 @pytest.fixture

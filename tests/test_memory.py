@@ -1,4 +1,8 @@
-"""The embedding forms never hold an N x M matrix: peak memory stays O(chunk x M)."""
+"""Streaming embedding forms never hold an N x M matrix: peak memory stays O(chunk x M).
+
+Streaming is what ``materialize=False`` asks for, and what ``materialize=None`` (the cost
+model) must choose when the matrix does not fit ``memory_budget``.
+"""
 
 import subprocess
 import sys
@@ -18,8 +22,13 @@ CODE = textwrap.dedent("""
     nk.sinkhorn_embeddings(x[:512].detach(), y[:512].detach(), 20.0, n_iters=2, tol=None)
     x.grad = y.grad = None
     before = reset_peak()   # KiB
-    nk.sinkhorn_embeddings(x.detach(), y.detach(), 20.0, n_iters=2, tol=None)
-    nk.ncl_loss_embeddings(x, y, 20.0, n_iters=2).backward()
+    nk.sinkhorn_embeddings(x.detach(), y.detach(), 20.0, n_iters=2, tol=None,
+                           materialize=False)
+    nk.ncl_loss_embeddings(x, y, 20.0, n_iters=2, materialize=False).backward()
+    # the cost model, under a budget the matrix (256 MiB) exceeds
+    nk.sinkhorn_embeddings(x.detach(), y.detach(), 20.0, n_iters=2, tol=None,
+                           memory_budget=1 << 26)
+    nk.ncl_loss_embeddings(x, y, 20.0, n_iters=2, memory_budget=1 << 26).backward()
     after = peak()
     print((after - before) / 1024)
 """)

@@ -9,7 +9,7 @@ import torch
 from .. import _library, _validate as V
 from .._dtypes import acc_dtype
 from ..backends import registry
-from ..sinkhorn import Problem, converged, run_embeddings, sinkhorn_embeddings
+from ..sinkhorn import Problem, converged, embeddings_solution, run_embeddings
 
 Tensor = torch.Tensor
 BIAS_METHODS = ("ncl", "qbnorm")
@@ -49,8 +49,9 @@ def bias_of_checked(method: str, bank: Tensor, gallery: Tensor, s: float, n_iter
 
 
 def gallery_bias(bank: Tensor, gallery: Tensor, scale=1.0, *, method: str = "ncl",
-                 n_iters: int = 100, tol: float | None = 1e-4,
-                 backend: str = "auto") -> Tensor:
+                 n_iters: int = 100, tol: float | None = 1e-4, backend: str = "auto",
+                 materialize: bool | None = None,
+                 memory_budget: int | None = None) -> Tensor:
     """The (M,) bias to add to ``scale * <q, y_j>`` when ranking the gallery.
 
     ``method="ncl"``: ``g`` of Sinkhorn on ``scale * bank @ gallery.T`` with ``r = 1``,
@@ -58,8 +59,9 @@ def gallery_bias(bank: Tensor, gallery: Tensor, scale=1.0, *, method: str = "ncl
     :func:`ncl_kernels.sinkhorn_embeddings`: the backend's streaming primitives, never
     K x M in memory. ``method="qbnorm"``: QB-Norm's inverted softmax
     ``-LSE_b(scale * <b, y_j>)`` (``scale`` plays QB-Norm's beta), one streaming column
-    pass. ``n_iters``/``tol`` apply to ``"ncl"`` only. Video-to-text: call it with the
-    roles swapped. With ``tol=None`` (or ``method="qbnorm"``) it compiles with
+    pass. ``n_iters``, ``tol``, ``materialize`` and ``memory_budget`` (as in
+    :func:`ncl_kernels.sinkhorn_embeddings`) apply to ``"ncl"`` only. Video-to-text: call
+    it with the roles swapped. With ``tol=None`` (or ``method="qbnorm"``) it compiles with
     ``torch.compile(fullgraph=True)``.
 
     Returns:
@@ -68,7 +70,10 @@ def gallery_bias(bank: Tensor, gallery: Tensor, scale=1.0, *, method: str = "ncl
     V.choice("method", method, BIAS_METHODS)
     B, Y = V.embeddings_meta(bank, gallery, ("bank", "gallery"))
     if method == "ncl":
-        return sinkhorn_embeddings(B, Y, scale, n_iters=n_iters, tol=tol, backend=backend).g
+        return embeddings_solution(B, Y, scale, ("bank", "gallery"), row_mass=None,
+                                   col_mass=None, n_iters=n_iters, tol=tol, check_every=10,
+                                   init_g=None, backend=backend, strict=False,
+                                   materialize=materialize, memory_budget=memory_budget).g
     scale_t, scale_f = V.scale_meta(scale, B)
     _library.check_backend(backend, B.device)
     return _library.op("qbnorm_bias", backend)(
