@@ -79,11 +79,35 @@ def _register(d: OpDef, backend: str, lib: torch.library.Library = LIB) -> None:
     for key in _dispatch_keys(backend):
         lib.impl(qualified, kernel, key)
     full = f"{NAMESPACE}::{qualified}"
+    _bump_versions_of_mutated(lib, qualified, full)
     torch.library.register_fake(full, d.fake, lib=lib)
     if d.autograd is not None:
         backward, setup_context = d.autograd
         torch.library.register_autograd(full, backward(backend), setup_context=setup_context,
                                         lib=lib)
+
+
+def _bump_versions_of_mutated(lib: torch.library.Library, qualified: str, full: str) -> None:
+    """An op that writes an argument (``Tensor(a!)``) bumps that tensor's version counter,
+    as PyTorch's own in-place ops do, so that autograd refuses to use a saved tensor that
+    the op has overwritten (``torch.library.custom_op`` does the same)."""
+    name, _, overload = full.partition("::")[2].partition(".")
+    packet = getattr(torch.ops.ncl_kernels, name)
+    handle = getattr(packet, overload or "default")
+    written = [i for i, a in enumerate(handle._schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+    if not written:
+        return
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def bump_then_run(keyset, *args):
+        for i in written:
+            if i < len(args) and isinstance(args[i], torch.Tensor):
+                torch.autograd.graph.increment_version(args[i])
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return handle.redispatch(keyset & below, *args)
+
+    lib.impl(qualified, bump_then_run, "ADInplaceOrView", with_keyset=True)
 
 
 def define(name: str, schema: str, kernel: Callable[[str], Callable], fake: Callable,

@@ -87,11 +87,28 @@ def _dense_kernel(backend: str):
     return kernel
 
 
+def _gradient_fits(dtype: torch.dtype, s: float, coef_row: Tensor, coef_col: Tensor,
+                   what: str) -> None:
+    """``|s G_ij| <= s (|coef_row_i| + |coef_col_j|)``: refuse a low-precision gradient that
+    this bound says could overflow its storage dtype (float16 above all: 65504)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return
+    bound = s * (float(coef_row.abs().max()) + float(coef_col.abs().max()))
+    limit = torch.finfo(dtype).max
+    if bound > limit:
+        raise ValueError(f"the {dtype} gradient of the loss with respect to {what} could "
+                         f"overflow: scale ({s:g}) times the loss coefficients reaches "
+                         f"{bound:.3g} > {limit:.3g}; use float32 or bfloat16 {what}, or a "
+                         f"smaller scale")
+
+
 def _dense_grad(backend, grad, S, scale_t, scale_f, row_targets, col_targets, f, g, lse_row,
                 lse_col, w_row, w_col, out):
     s = V.scale_value(scale_t, scale_f)
     y, z, coef_row, coef_col = _coefficients(grad, S, S.shape[0], S.shape[1], row_targets,
                                              col_targets, w_row, w_col)
+    if out is not None:
+        _gradient_fits(out.dtype, s, coef_row, coef_col, "the scores")
     (kernel,) = _kernels(backend, S, "ncl_grad_")
     return kernel(S, s, f, g, lse_row, lse_col, coef_row, coef_col, y, z, out=out)
 
@@ -205,20 +222,23 @@ def _xy_kernel(backend: str):
 
 def _xy_backward_kernel(backend: str):
     def kernel(grad, X, Y, scale_t, scale_f, row_targets, col_targets, f, g, lse_row,
-               lse_col, w_row, w_col, need_x, need_y):
+               lse_col, w_row, w_col, need_x, need_y, x_name="x", y_name="y"):
         s = V.scale_value(scale_t, scale_f)
         y, z, coef_row, coef_col = _coefficients(grad, X, X.shape[0], Y.shape[0],
                                                  row_targets, col_targets, w_row, w_col)
         (kernel,) = _kernels(backend, X, "ncl_grad_xy")
         dX, dY, ds = kernel(X, Y, s, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
                             need_dx=need_x, need_dy=need_y)
+        for grad_, name in ((dX, x_name), (dY, y_name)):
+            if grad_ is not None and grad_.dtype == torch.float16:
+                V.finite(f"the float16 gradient of {name}", grad_)
         return ((X.new_empty(0) if dX is None else dX), (Y.new_empty(0) if dY is None else dY),
                 ds)
     return kernel
 
 
-def _xy_backward_fake(grad, X, Y, *rest):
-    need_x, need_y = rest[-2], rest[-1]
+def _xy_backward_fake(grad, X, Y, scale_t, scale_f, row_targets, col_targets, f, g, lse_row,
+                      lse_col, w_row, w_col, need_x, need_y, x_name="x", y_name="y"):
     dX = torch.empty_like(X, memory_format=torch.contiguous_format) if need_x \
         else X.new_empty(0)
     dY = torch.empty_like(Y, memory_format=torch.contiguous_format) if need_y \
@@ -229,6 +249,7 @@ def _xy_backward_fake(grad, X, Y, *rest):
 def _xy_setup(ctx, inputs, output):
     (X, Y, scale_t, scale_f, row_targets, col_targets, _r, _c, _f, _g, _n, w_row,
      w_col) = inputs[:13]
+    ctx.names = tuple(inputs[13:15]) or ("x", "y")
     _loss, f, g, lse_row, lse_col = output
     ctx.mark_non_differentiable(f, g, lse_row, lse_col)   # stop-gradient biases
     ctx.save_for_backward(X, Y, scale_t, row_targets, col_targets, f, g, lse_row, lse_col)
@@ -244,15 +265,16 @@ def _xy_backward(backend: str):
         scale_f, w_row, w_col = ctx.options
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dX, dY, ds = backward_op(grad, X, Y, scale_t, scale_f, row_targets, col_targets, f, g,
-                                 lse_row, lse_col, w_row, w_col, need_x, need_y)
+                                 lse_row, lse_col, w_row, w_col, need_x, need_y, *ctx.names)
         return ((dX if need_x else None, dY if need_y else None,
                  _dscale(ctx, 2, ds, scale_t)) + (None,) * (ctx.n_inputs - 3))
     return backward
 
 
 _library.define("ncl_loss_embeddings_backward",
-                f"(Tensor grad, Tensor X, Tensor Y, {_SOLVED}, bool need_x, bool need_y) -> "
-                "(Tensor, Tensor, Tensor)", _xy_backward_kernel, _xy_backward_fake)
+                f"(Tensor grad, Tensor X, Tensor Y, {_SOLVED}, bool need_x, bool need_y, "
+                'str x_name="x", str y_name="y") -> (Tensor, Tensor, Tensor)',
+                _xy_backward_kernel, _xy_backward_fake)
 _library.define("ncl_loss_embeddings",
                 f'(Tensor X, Tensor Y, {_PROBLEM}, str x_name="x", str y_name="y") '
                 f"-> {_FORWARD}",

@@ -28,9 +28,14 @@ MASS_RTOL = 1e-5
 
 
 def _describe(x) -> str:
+    """What ``x`` is, in a few words (never a dump of a large array)."""
     if isinstance(x, Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
-    return f"{type(x).__name__} {x!r}"
+    shape = getattr(x, "shape", None)
+    if shape is not None:  # numpy arrays and the like
+        return f"a {type(x).__module__}.{type(x).__name__} of shape {tuple(shape)}"
+    text = repr(x)
+    return f"{type(x).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def _tensor(name: str, x) -> Tensor:
@@ -84,6 +89,29 @@ def scores_values(S: Tensor, name: str = "scores", scale: Optional[float] = None
     return S
 
 
+def biased_scores_fit(S: Tensor, scale: float, f: Optional[Tensor],
+                      g: Optional[Tensor], name: str = "scores") -> None:
+    """The data check of ``apply_biases_``: no NaN or +inf in ``S``, and every result of
+    ``scale * S + f_i + g_j`` within the storage dtype's range (one pass over ``S``)."""
+    low, top = (float(v) for v in torch.aminmax(S))  # NaN propagates into both
+    if math.isnan(top):
+        raise ValueError(f"{name} contains NaN")
+    if top == INF:
+        raise ValueError(f"{name} contains +inf (-inf is allowed as a mask)")
+    limit = torch.finfo(S.dtype).max
+
+    def extreme(v, pick):
+        finite = None if v is None else v[torch.isfinite(v)]
+        return 0.0 if finite is None or finite.numel() == 0 else float(pick(finite))
+
+    high = scale * top + extreme(f, torch.max) + extreme(g, torch.max)
+    deep = scale * low + extreme(f, torch.min) + extreme(g, torch.min)
+    if high > limit or (low != -INF and deep < -limit):
+        raise ValueError(f"apply_biases_ would overflow {S.dtype}: scale * {name} + f + g "
+                         f"reaches {high if high > limit else deep:.3g} (the limit is "
+                         f"{limit:.3g}); use a wider dtype or a smaller scale")
+
+
 def embeddings(x, y, names: Tuple[str, str] = ("x", "y")) -> Tuple[Tensor, Tensor]:
     """Query and item embeddings: 2-D, same D, dtype and device, finite.
 
@@ -127,6 +155,38 @@ def finite(name: str, t: Tensor) -> Tensor:
         found = "NaN" if bool(torch.isnan(t).any()) else "inf"
         raise ValueError(f"{name} contains {found} (embeddings must be finite)")
     return t
+
+
+def unaliased(t: Optional[Tensor], written: Tensor) -> Optional[Tensor]:
+    """``t``, or a copy of it when it shares memory with ``written`` (a tensor an in-place
+    op is about to overwrite): the op must read the caller's values, not its own output."""
+    if t is None or t.untyped_storage().data_ptr() != written.untyped_storage().data_ptr():
+        return t
+    return t.clone()
+
+
+def writable(S: Tensor, name: str = "scores") -> Tensor:
+    """An in-place target: its elements must not overlap (an expanded tensor, a row stride
+    below the row length): where two of them share memory a write is ambiguous."""
+    n, m = S.shape
+    # 2-D with unit column stride (scores_meta): rows overlap when closer than a row apart
+    if (n > 1 and S.stride(0) < m) or (m > 1 and S.stride(1) == 0):
+        raise ValueError(f"{name} cannot be written in place: its elements overlap in memory "
+                         f"(strides {tuple(S.stride())} for shape {tuple(S.shape)}, e.g. an "
+                         f"expanded tensor); pass {name}.contiguous()")
+    return S
+
+
+def not_a_leaf_view(S: Tensor, name: str = "scores") -> Tensor:
+    """A tensor whose storage an op will overwrite must not be a view of a leaf that
+    requires grad (a parameter): PyTorch refuses such in-place writes too."""
+    base = S._base
+    if base is not None and base.is_leaf and base.requires_grad:
+        raise ValueError(f"{name} is a view of a leaf tensor that requires grad (a "
+                         f"parameter, say): inplace_backward=True would overwrite that "
+                         f"leaf's values with the gradient; pass {name}.clone() or "
+                         f"inplace_backward=False")
+    return S
 
 
 def same_device(**tensors) -> None:
@@ -187,12 +247,20 @@ def iterations(n_iters, tol, check_every) -> None:
         raise ValueError(f"check_every must be an integer >= 1; got {check_every!r}")
 
 
-def mass(name: str, value, length: int, like: Tensor) -> Tensor:
-    return mass_values(name, mass_meta(name, value, length, like))
-
-
 def mass_meta(name: str, value, length: int, like: Tensor) -> Tensor:
-    t = torch.as_tensor(value)
+    """A mass vector on ``like``'s device, in its own floating dtype (the data check
+    converts it to the accumulation dtype once it knows the values fit)."""
+    if isinstance(value, Tensor):
+        t = value
+    elif isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name} must be a 1-D tensor or a sequence of numbers; got "
+                        f"{_describe(value)}")
+    else:
+        try:
+            t = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{name} must be a 1-D tensor or a sequence of numbers; got "
+                            f"{_describe(value)}") from None
     if t.dim() != 1 or t.shape[0] != length:
         raise ValueError(f"{name} must be a 1-D tensor of length {length}; got shape "
                          f"{tuple(t.shape)}")
@@ -200,16 +268,27 @@ def mass_meta(name: str, value, length: int, like: Tensor) -> Tensor:
         raise TypeError(f"{name} must be a real tensor; got {t.dtype}")
     if isinstance(value, Tensor):
         same_device(**{name: value, "scores": like})
-    return t.to(device=like.device, dtype=acc_dtype(like.dtype))
+    wide = torch.float64 if t.dtype == torch.float64 else acc_dtype(like.dtype)
+    return t.detach().to(device=like.device, dtype=wide)
 
 
-def mass_values(name: str, t: Tensor) -> Tensor:
+def mass_values(name: str, t: Tensor, acc: Optional[torch.dtype] = None) -> Tensor:
+    """The data check of a mass vector: finite, >= 0, a positive total, and (converted to
+    ``acc``, default: its own dtype) representable there."""
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or inf")
+        found = "NaN" if bool(torch.isnan(t).any()) else "inf"
+        raise ValueError(f"{name} contains {found}")
     if bool((t < 0).any()):
         raise ValueError(f"{name} must be >= 0; its smallest entry is {float(t.min())}")
     if not float(t.sum()) > 0:
         raise ValueError(f"{name} must have a positive total; got all zeros")
+    if acc is not None and t.dtype != acc:
+        limit = torch.finfo(acc).max
+        if float(t.max()) > limit or float(t.sum()) > limit:
+            raise ValueError(f"{name} does not fit {acc}, the accumulation dtype of these "
+                             f"scores: its largest entry is {float(t.max()):.3g} and its "
+                             f"total {float(t.sum()):.3g} (at most {limit:.3g}); rescale it")
+        t = t.to(acc)
     return t
 
 
@@ -230,8 +309,8 @@ def masses_values(r: Optional[Tensor], c: Optional[Tensor], n: int, m: int,
                   like: Tensor) -> Tuple[Tensor, Tensor]:
     """The data half of :func:`masses`: value checks, defaults and the total rule."""
     dt, dev = acc_dtype(like.dtype), like.device
-    r = None if r is None else mass_values("row_mass", r)
-    c = None if c is None else mass_values("col_mass", c)
+    r = None if r is None else mass_values("row_mass", r, dt)
+    c = None if c is None else mass_values("col_mass", c, dt)
     if r is None and c is None:
         r = torch.ones(n, dtype=dt, device=dev)
     if r is None:
@@ -348,6 +427,9 @@ def targets(row_targets, col_targets, n: int, m: int, like: Tensor) -> Tuple[Ten
 
 
 def weights(value: Sequence[float]) -> Tuple[float, float]:
+    if isinstance(value, (str, bytes)):  # "12" would unpack into two numbers
+        raise TypeError(f"weights must be a pair of numbers (w_row, w_col); got "
+                        f"{_describe(value)}")
     try:
         w_row, w_col = (float(w) for w in value)
     except (TypeError, ValueError):
@@ -427,10 +509,13 @@ def caption_index(caption_to_video, n_videos=None) -> tuple[Tensor, int]:
     if t.dim() != 1 or t.shape[0] == 0:
         raise ValueError(f"caption_to_video must be a non-empty 1-D tensor; got shape "
                          f"{tuple(t.shape)}")
+    if bool((t < 0).any()):
+        raise ValueError(f"caption_to_video entries must be video indices >= 0; got "
+                         f"{int(t[t < 0][0])} at position {int((t < 0).nonzero()[0, 0])}")
     if n_videos is None:
         n_videos = int(t.max()) + 1
     n_videos = positive_int("n_videos", n_videos)
-    bad = (t < 0) | (t >= n_videos)
+    bad = t >= n_videos
     if bool(bad.any()):
         raise ValueError(f"caption_to_video entries must be video indices in [0, {n_videos}); "
                          f"got {int(t[bad][0])}")

@@ -115,10 +115,10 @@ class _Layout:
         self.row0, self.col0 = sum(self.rows[:rank]), sum(self.cols[:rank])
 
 
-def _local_masses(row_mass, col_mass):
+def _local_masses(row_mass, col_mass, acc):
     """This rank's mass slices, checked (no communication)."""
-    r = None if row_mass is None else V.mass_values("row_mass", row_mass)
-    c = None if col_mass is None else V.mass_values("col_mass", col_mass)
+    r = None if row_mass is None else V.mass_values("row_mass", row_mass, acc)
+    c = None if col_mass is None else V.mass_values("col_mass", col_mass, acc)
     return r, c
 
 
@@ -161,7 +161,7 @@ def _checked_problem(x, y, scale_t, scale_f, row_targets, col_targets, row_mass,
             yt = V.target_values("row_targets", row_targets, lay.M, "column")
         if col_targets is not None:
             local_z = V.target_values("col_targets", col_targets, lay.N, "row")
-        r, c = _local_masses(row_mass, col_mass)
+        r, c = _local_masses(row_mass, col_mass, acc_dtype(x.dtype))
     except (TypeError, ValueError) as exc:
         error = exc
     _agree(error, x.device, group)
@@ -200,8 +200,9 @@ def _forward_kernel(backend: str):
         local = LM.assemble(b, t_row, t_col, yt, z_local, coef_row, coef_col)
         loss = LM.check_finite_loss(_all_sum(local, group))
         col0 = torch.tensor(lay.col0, dtype=torch.int64, device=x.device)
-        return (loss, Y, b.f, b.g, b.lse_row, b.lse_col, coef_row, coef_col, yt, z_local,
-                col0)
+        # (an op's outputs must not alias its inputs: yt may be the caller's row_targets)
+        return (loss, Y, b.f, b.g, b.lse_row, b.lse_col, coef_row, coef_col, yt.clone(),
+                z_local, col0)
     return kernel
 
 

@@ -58,7 +58,11 @@ def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
         inplace_backward: the backward writes ``dloss/dscores`` over the storage of
             ``scores`` (after using it for ``dloss/dscale``) and hands that storage to
             autograd as the gradient: no N x M buffer is allocated, and the caller gives up
-            ``scores``. Default False: a new buffer; ``scores`` is never written.
+            ``scores``. Default False: a new buffer; ``scores`` is never written. Refused
+            for scores whose elements overlap in memory and for views of a leaf that
+            requires grad; a second backward through the step raises (the scores are gone).
+            float16 scores: the gradient must fit float16 (``scale * (max coef_row +
+            max coef_col) <= 65504``, docs/math.md section 5), else the backward raises.
         backend: see :func:`ncl_kernels.backends`.
 
     Returns:
@@ -66,6 +70,10 @@ def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
     """
     S = V.scores_meta(scores)
     inplace = V.flag("inplace_backward", inplace_backward)
+    if inplace:
+        V.writable(S)
+        if not torch.compiler.is_compiling():  # (views are not tracked while tracing)
+            V.not_a_leaf_view(S)
     N, M = S.shape
     options = _loss_options(S, N, M, scale, row_targets, col_targets, n_iters, f, g, weights,
                             row_mass, col_mass, backend)
@@ -112,18 +120,23 @@ def apply_biases_(scores: Tensor, scale=1.0, f=None, g=None, *, backend: str = "
     """In place ``scores <- scale * scores + f[:, None] + g[None, :]``; returns ``scores``.
 
     The arithmetic runs in float32 (float64 for float64) and is rounded once to the storage
-    dtype. Not differentiable: a tensor that requires grad is refused, and on any error the
+    dtype. Not differentiable: a tensor that requires grad is refused. Refused too, before
+    anything is written: scores whose elements overlap in memory (an expanded tensor), and
+    results beyond the storage dtype's range (``+inf``; results below its range become
+    ``-inf``, a mask, only where ``scores`` already holds masks). ``f`` or ``g`` sharing
+    memory with ``scores`` are read as they were before the write. On any error the
     caller's tensor is left untouched.
     """
-    S = V.scores(scores)
+    S = V.writable(V.scores_meta(scores))
     if S.requires_grad:
         raise ValueError("apply_biases_ is an in-place, non-differentiable update; pass a "
                          "tensor that does not require grad (e.g. scores.detach())")
     N, M = S.shape
     s = V.scale_value(*V.scale_meta(scale, S))
     acc = acc_dtype(S.dtype)
-    f = V.potential_values("f", V.potential_meta("f", f, N, S), acc)
-    g = V.potential_values("g", V.potential_meta("g", g, M, S), acc)
+    f = V.unaliased(V.potential_values("f", V.potential_meta("f", f, N, S), acc), S)
+    g = V.unaliased(V.potential_values("g", V.potential_meta("g", g, M, S), acc), S)
+    V.biased_scores_fit(S, s, f, g)
     _library.check_backend(backend, S.device)
     with torch.no_grad():
         _library.op("apply_biases_", backend)(S, s, f, g)

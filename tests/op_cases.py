@@ -83,4 +83,9 @@ def entry_cases(dtype=torch.float64, seed=1):
         "ncl_loss_embeddings": [(x, y, *default), (x, y, *targets)],
         "ncl_loss_embeddings_backward": [(grad, x.detach(), y.detach(), *solved, True, False)],
         "qbnorm_bias": [(bank, gallery, None, 7.0)],
+        "checked_product": [(x, y, "x", "y", True), (x, y, "x", "y", False)],
     }
+
+
+#: opchecked in tests/test_distributed.py, inside a process group
+DISTRIBUTED_OPS = ("distributed_ncl_loss", "distributed_ncl_loss_backward")

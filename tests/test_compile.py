@@ -7,7 +7,7 @@ tests are marked slow.
 
 import pytest
 import torch
-from op_cases import entry_cases, primitive_cases
+from op_cases import DISTRIBUTED_OPS, entry_cases, primitive_cases
 
 import ncl_kernels as nk
 from ncl_kernels import _library
@@ -44,7 +44,21 @@ def test_every_op_has_an_opcheck_case():
     from ncl_kernels import ops
     covered = set(primitive_cases()) | set(entry_cases())
     assert set(ops.PRIMITIVE_OPS) <= covered
-    assert set(_library.defined()) == covered
+    assert set(_library.defined()) == covered | set(DISTRIBUTED_OPS)
+
+
+def test_ops_that_write_bump_the_version_counter(backend):
+    # so autograd refuses a saved tensor that an op has overwritten, as for PyTorch's ops
+    S = random_scores(4, 3, torch.float32)
+    before = S._version
+    _library.op("apply_biases_", backend)(S, 2.0, None, None)
+    assert S._version > before
+    x = torch.randn(4, 3, requires_grad=True)
+    y = x * 2.0
+    used = y.exp()                       # saves its output for backward
+    _library.op("apply_biases_", backend)(used.detach(), 1.0, None, None)  # same storage
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        used.sum().backward()
 
 
 def test_ops_raise_the_validation_errors():

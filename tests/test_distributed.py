@@ -106,6 +106,37 @@ def test_compiles_without_a_graph_break(tmp_path):
             assert rel_err(a, b) < 1e-12, rank
 
 
+def _opcheck_worker(rank, init, out_dir):
+    from ncl_kernels import _library
+
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        x, y, kw = _global_problem("targets_masses")
+        x.requires_grad_()
+        s = torch.tensor(17.0, dtype=torch.float64, requires_grad=True)
+        name = dist.group.WORLD.group_name
+        args = (x, y, s, 0.0, name, kw["row_targets"], kw["col_targets"], kw["row_mass"],
+                None, 5, 0.6, 0.4)
+        forward = _library.op("distributed_ncl_loss", "torch")
+        # the fake's global sizes are data-dependent: opcheck all but the fake-tensor test
+        torch.library.opcheck(forward, args, test_utils=("test_schema",
+                                                         "test_autograd_registration"))
+        out = forward(*args)
+        backward = _library.op("distributed_ncl_loss_backward", "torch")
+        torch.library.opcheck(backward, (torch.tensor(1.0, dtype=torch.float64),
+                                         x.detach(), *out[1:], None, 17.0, name, M, True),
+                              test_utils=("test_schema",))
+        torch.save("ok", os.path.join(out_dir, "opcheck.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_opcheck_in_a_world_of_one(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_opcheck_worker, args=(init, str(tmp_path)), nprocs=1, join=True)
+    assert torch.load(tmp_path / "opcheck.pt") == "ok"
+
+
 def test_needs_an_initialized_group():
     x = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="init_process_group"):

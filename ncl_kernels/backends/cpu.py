@@ -37,9 +37,12 @@ def _ptr(v: Tensor | None) -> int:
 
 
 def _unit_columns(S: Tensor) -> Tensor:
-    # the kernels need column stride 1 (validation guarantees it for the public API; a
-    # single column may carry any stride)
-    return S if S.shape[1] <= 1 or S.stride(1) == 1 else S.contiguous()
+    """S itself when the kernels can address it (column stride 1, rows apart), else a
+    contiguous copy: e.g. an expanded tensor (row stride 0), which read-only passes accept
+    (writing passes refuse it before they get here)."""
+    n, m = S.shape
+    ok = (m <= 1 or S.stride(1) == 1) and (n <= 1 or S.stride(0) >= m)
+    return S if ok else S.contiguous()
 
 
 class CpuBackend:

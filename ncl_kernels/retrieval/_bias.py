@@ -18,7 +18,12 @@ BIAS_METHODS = ("ncl", "qbnorm")
 def qbnorm(backend: str, bank: Tensor, gallery: Tensor, s: float) -> Tensor:
     """QB-Norm's inverted-softmax bias ``-LSE_b(s * <b, y_j>)`` on checked embeddings."""
     col = registry.resolve(backend, "col_lse_xy", bank.device.type, bank.dtype)
-    return -col(bank, gallery, s, None)
+    bias = -col(bank, gallery, s, None)
+    if not bool(torch.isfinite(bias).all()):  # finite embeddings: only an overflow does it
+        raise ValueError(f"the QB-Norm bias is not finite: scale * <bank, gallery> ({s:g} "
+                         f"times the products) overflows {bias.dtype}; lower the scale or "
+                         f"normalize the embeddings")
+    return bias
 
 
 def _qbnorm_kernel(backend: str):

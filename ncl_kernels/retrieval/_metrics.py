@@ -26,9 +26,22 @@ def metrics(ranks: torch.Tensor) -> dict[str, float]:
 
 
 def format_metrics(table: dict[str, dict[str, float]]) -> str:
-    """A small aligned text table: one row per entry of ``table`` (name -> metrics)."""
-    width = max([len("method")] + [len(name) for name in table])
-    lines = [f"{'method':<{width}} " + " ".join(f"{k:>7}" for k in KEYS)]
+    """A small aligned text table: one row per entry of ``table`` (name -> the dict of
+    :func:`metrics`); every entry must hold the same keys as the first."""
+    if not isinstance(table, dict) or not table:
+        raise ValueError("format_metrics takes a non-empty dict {name: metrics}")
+    keys = None
     for name, m in table.items():
-        lines.append(f"{name:<{width}} " + " ".join(f"{m[k]:7.2f}" for k in KEYS))
+        if not isinstance(m, dict):
+            raise TypeError(f"format_metrics: entry {name!r} must be a dict of metrics; got "
+                            f"{type(m).__name__}")
+        keys = list(m) if keys is None else keys
+        missing = [k for k in keys if k not in m]
+        if missing:
+            raise ValueError(f"format_metrics: entry {name!r} lacks {', '.join(missing)} "
+                             f"(every entry needs the keys of the first: {', '.join(keys)})")
+    width = max([len("method")] + [len(str(name)) for name in table])
+    lines = [f"{'method':<{width}} " + " ".join(f"{k:>7}" for k in keys)]
+    for name, m in table.items():
+        lines.append(f"{str(name):<{width}} " + " ".join(f"{m[k]:7.2f}" for k in keys))
     return "\n".join(lines)

@@ -127,6 +127,10 @@ def rank_one_pass(scorer, T: Tensor, chunk: int):
     valid = T >= 0
     Tc = T.clamp(min=0)
     pre = _positive_scores(scorer, Tc)
+    if bool((valid & (torch.isnan(pre) | (pre == float("inf")))).any()):
+        raise ValueError("a positive's score is not finite (the scaled product "
+                         "overflowed): check the magnitude of the embeddings, scale and "
+                         "bias")
     count, seen = _count(scorer, Tc, valid, _best_threshold(pre, valid), chunk)
     # every positive's score must be the block's, bit for bit, for the count to be its
     # rank; NaN never equals anything, so a NaN score is recounted too
@@ -153,6 +157,10 @@ def topk(scorer, k: int, chunk: int):
         v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i + start], 1)
         best_v, order = v.topk(min(k, v.shape[1]), dim=1)
         best_i = i.gather(1, order)
+    if not bool((torch.isnan(best_v) | (best_v == float("inf"))).logical_not().all()):
+        raise ValueError("the scores overflow: scale * <q, y_j> + bias_j is not finite for "
+                         "some queries; check the magnitude of the embeddings, scale and "
+                         "bias")
     return best_v, best_i
 
 
