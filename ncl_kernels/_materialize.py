@@ -127,19 +127,44 @@ def _product_fake(x, y, x_name, y_name, widen):
 
 
 def _product_setup(ctx, inputs, output):
-    x, y = inputs[:2]
+    x, y, x_name, y_name = inputs[:4]
     ctx.save_for_backward(x, y)
+    ctx.names = (x_name, y_name)
+
+
+def _product_backward_kernel(backend: str):
+    def kernel(dS, x, y, x_name, y_name, need_x, need_y):
+        out = []
+        for need, a, b, name in ((need_x, dS, y, x_name), (need_y, dS.T, x, y_name)):
+            grad = (a @ b.to(a.dtype)).to(b.dtype) if need else b.new_empty(0)
+            if need and grad.dtype == torch.float16:
+                # computed in float32: a float16 gradient may not hold it
+                V.finite(f"the float16 gradient of {name}", grad)
+            out.append(grad)
+        return tuple(out)
+    return kernel
+
+
+def _product_backward_fake(dS, x, y, x_name, y_name, need_x, need_y):
+    return (torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(y) if need_y else y.new_empty(0))
 
 
 def _product_backward(backend: str):
+    backward_op = _library.op("checked_product_backward", backend)
+
     def backward(ctx, dS):
         x, y = ctx.saved_tensors
-        dx = (dS @ y.to(dS.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
-        dy = (dS.T @ x.to(dS.dtype)).to(y.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dy, None, None, None
+        need_x, need_y = ctx.needs_input_grad[:2]
+        dx, dy = backward_op(dS, x, y, *ctx.names, need_x, need_y)
+        return (dx if need_x else None), (dy if need_y else None), None, None, None
     return backward
 
 
+_library.define("checked_product_backward",
+                "(Tensor dS, Tensor x, Tensor y, str x_name, str y_name, bool need_x, "
+                "bool need_y) -> (Tensor, Tensor)", _product_backward_kernel,
+                _product_backward_fake)
 _library.define("checked_product",
                 "(Tensor x, Tensor y, str x_name, str y_name, bool widen) -> Tensor",
                 _product_kernel, _product_fake, autograd=(_product_backward, _product_setup))

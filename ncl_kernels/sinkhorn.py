@@ -88,11 +88,11 @@ def _warm_start(init_g: Optional[Tensor], c: Tensor) -> Tensor:
     return g.masked_fill(c == 0, NEG_INF)
 
 
-def _check_finite(f: Tensor, g: Tensor, r: Tensor, c: Tensor, error: Tensor) -> None:
-    """Every potential of positive mass is finite and the error is a number, or the
-    logits overflowed the accumulation dtype: raise instead of returning NaN or inf."""
+def _check_finite(f: Tensor, g: Tensor, r: Tensor, c: Tensor) -> None:
+    """Every potential of positive mass is finite, or the logits overflowed the
+    accumulation dtype: raise instead of returning NaN or inf."""
     ok = (torch.isfinite(f) | (r == 0)).all() & (torch.isfinite(g) | (c == 0)).all()
-    if not bool(ok & torch.isfinite(error)):
+    if not bool(ok):
         limit = torch.finfo(f.dtype).max
         raise ValueError(f"Sinkhorn's potentials are not finite: the logits (scale * scores) "
                          f"or their sums with the potentials overflow {f.dtype} (largest "
@@ -142,7 +142,7 @@ def solve(row_lse: Callable[[Optional[Tensor]], Tensor],
                 break
     if error is None:
         error = _marginal_error(f, lse_row, r)
-    _check_finite(f, g, r, c, error)
+    _check_finite(f, g, r, c)
     return _Solution(f, g, lse_row, lse_col, done, error)
 
 
@@ -212,6 +212,11 @@ def run_embeddings(backend: str, X: Tensor, Y: Tensor, p: Problem, n_iters: int,
 
 
 def _outputs(sol: _Solution):
+    if not bool(torch.isfinite(sol.error)):
+        # (only without iterations: f = 0 leaves exp(f + LSE_row) to overflow)
+        raise ValueError(f"the marginal error of the returned potentials overflows "
+                         f"{sol.error.dtype} (n_iters={sol.n_iters}: the logits are too "
+                         f"large for f = 0); run at least one iteration or lower the scale")
     return sol.f, sol.g, torch.tensor(sol.n_iters), sol.error
 
 

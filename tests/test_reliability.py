@@ -213,6 +213,12 @@ def test_a_float16_gradient_that_cannot_be_represented_is_refused():
     ok = S.detach().clone().requires_grad_()
     nk.ncl_loss(ok, 100.0).backward()
     assert torch.isfinite(ok.grad).all()
+    # float16 embeddings: the gradients come back in float16 or the backward raises
+    big = (x * 300).requires_grad_()
+    for materialize in (False, True):
+        loss = nk.ncl_loss_embeddings(big, y * 300, 1e3, materialize=materialize, n_iters=0)
+        with pytest.raises(ValueError, match="float16 gradient of x contains inf"):
+            loss.backward()
 
 
 # -- 10. messages that name the wrong thing or nothing ----------------------------------
