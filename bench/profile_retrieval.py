@@ -110,7 +110,7 @@ def main() -> None:
           f"{a.bias}, threads {torch.get_num_threads()}")
 
     for chunk in a.chunks:
-        chunk = _stream.default_chunk(a.queries, a.gallery, chunk)
+        chunk = _stream.default_chunk(a.queries, a.gallery, chunk, device)
         runs = {"product": lambda c=chunk: product_only(scorer, c),
                 "ranks (one pass)": lambda c=chunk: _stream.rank_one_pass(scorer, T, c)}
         if a.two_pass:

@@ -262,3 +262,12 @@ def test_ranks_property_exact_integers(n, m, p, chunk, seed, scale):
     targets[:, 0] = targets[:, 0].clamp(min=0)
     expect = ref.ranks(ref.scores(q, y, scale, bias), targets)
     assert torch.equal(R.ranks(q, y, targets, scale, bias=bias, chunk=chunk), expect)
+
+
+def test_default_blocks_follow_the_device():
+    from ncl_kernels.retrieval import _stream
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _stream.default_chunk(1024, 1 << 30, None, cpu) == (1 << 22) // 1024
+    assert _stream.default_chunk(1024, 1 << 30, None, cuda) == (1 << 26) // 1024
+    assert _stream.default_chunk(1024, 100, None, cuda) == 100       # never past the gallery
+    assert _stream.default_chunk(8, 1 << 30, 77, cuda) == 77         # a chunk given wins

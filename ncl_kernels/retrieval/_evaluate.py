@@ -55,7 +55,7 @@ def evaluate(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
     if chunk is not None:
         chunk = V.positive_int("chunk", chunk)
     T = V.retrieval_targets(targets, Q.shape[0], Y.shape[0], Q.device)
-    chunk_q = _stream.default_chunk(Q.shape[0], Y.shape[0], chunk)
+    chunk_q = _stream.default_chunk(Q.shape[0], Y.shape[0], chunk, Q.device)
     with torch.no_grad():
         if method == "none":
             r, _ = _stream.rank_one_pass(LinearScorer(Q, Y, 1.0), T, chunk_q)
@@ -74,11 +74,11 @@ def evaluate(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
 def _dynamic_ranks(Q, Y, T, bank, beta, chunk, backend) -> Tensor:
     M = Y.shape[0]
     bank_top = _stream.argmax(LinearScorer(bank, Y, 1.0),
-                              _stream.default_chunk(bank.shape[0], M, chunk))
+                              _stream.default_chunk(bank.shape[0], M, chunk, Y.device))
     active = torch.zeros(M, dtype=torch.bool, device=Y.device)
     active[bank_top] = True
     query_top = _stream.argmax(LinearScorer(Q, Y, 1.0),
-                               _stream.default_chunk(Q.shape[0], M, chunk))
+                               _stream.default_chunk(Q.shape[0], M, chunk, Y.device))
     use_is = active[query_top]
     bias = bias_of_checked("qbnorm", bank, Y, beta, 0, None, backend)
     r = torch.empty(Q.shape[0], dtype=torch.int64, device=Q.device)
@@ -86,5 +86,5 @@ def _dynamic_ranks(Q, Y, T, bank, beta, chunk, backend) -> Tensor:
                          (~use_is, LinearScorer(Q[~use_is], Y, 1.0))):
         if scorer.n_queries:
             r[rows], _ = _stream.rank_one_pass(
-                scorer, T[rows], _stream.default_chunk(scorer.n_queries, M, chunk))
+                scorer, T[rows], _stream.default_chunk(scorer.n_queries, M, chunk, Y.device))
     return r

@@ -18,7 +18,8 @@ def linear_scorer(queries, gallery, scale, bias, chunk):
     bias = V.potential("bias", bias, Y.shape[0], Y)
     if chunk is not None:
         chunk = V.positive_int("chunk", chunk)
-    return LinearScorer(Q, Y, s, bias), _stream.default_chunk(Q.shape[0], Y.shape[0], chunk)
+    return LinearScorer(Q, Y, s, bias), _stream.default_chunk(Q.shape[0], Y.shape[0], chunk,
+                                                                     Q.device)
 
 
 def ranks(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
