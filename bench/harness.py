@@ -114,6 +114,24 @@ def ours_backends(auto: bool = False):
     return names
 
 
+#: an ``impl`` suffix that forces streaming in the embedding-form suites; the plain name
+#: runs the cost model's choice (``materialize=None``)
+STREAM = ":stream"
+
+
+def with_streaming(impls):
+    """``impls`` plus, for each of our backends, its forced-streaming variant."""
+    ours = [i for i in impls if i in BACKEND_NAMES or i == "auto"]
+    return list(impls) + [i + STREAM for i in ours]
+
+
+def split_impl(impl: str):
+    """``(backend, materialize)`` for an embedding-form ``impl``."""
+    if impl.endswith(STREAM):
+        return impl[:-len(STREAM)], False
+    return impl, None
+
+
 def sync():
     if ON_GPU:
         torch.cuda.synchronize(DEVICE)

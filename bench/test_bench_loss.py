@@ -34,7 +34,9 @@ from harness import (
     expect_close,
     ours_backends,
     run_case,
+    split_impl,
     unit_rows,
+    with_streaming,
 )
 
 N = SIZE.dense
@@ -117,7 +119,7 @@ def test_ncl_loss_fwd_bwd(benchmark, roofs, dense, impl):
              note=f"n_iters={ITERS}, tensor scale with grad")
 
 
-@pytest.mark.parametrize("impl", ours_backends(auto=True) + PEERS)
+@pytest.mark.parametrize("impl", with_streaming(ours_backends(auto=True)) + PEERS)
 def test_ncl_loss_embeddings_fwd_bwd(benchmark, roofs, stream, impl):
     dtype, x0, y0, scale0, expected = stream
     state = {}
@@ -139,7 +141,9 @@ def test_ncl_loss_embeddings_fwd_bwd(benchmark, roofs, stream, impl):
         elif impl == "compile":
             loss = peers.clip_ncl_loss_embeddings_compiled(x, y, scale, ITERS)
         else:
-            loss = nk.ncl_loss_embeddings(x, y, scale, n_iters=ITERS, backend=impl)
+            backend, materialize = split_impl(impl)
+            loss = nk.ncl_loss_embeddings(x, y, scale, n_iters=ITERS, backend=backend,
+                                          materialize=materialize)
         loss.backward()
         return loss.detach(), x.grad, y.grad, scale.grad
 

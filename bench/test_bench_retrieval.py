@@ -25,7 +25,9 @@ from harness import (
     expect_close,
     ours_backends,
     run_case,
+    split_impl,
     unit_rows,
+    with_streaming,
 )
 
 K, M, Q, D = SIZE.bank, SIZE.gallery, SIZE.queries, SIZE.dim
@@ -46,7 +48,7 @@ def bank_gallery(request):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("impl", ours_backends(auto=True) + ["eager", "pot"])
+@pytest.mark.parametrize("impl", with_streaming(ours_backends(auto=True)) + ["eager", "pot"])
 def test_gallery_bias(benchmark, roofs, bank_gallery, impl):
     dtype, bank, gallery, expected = bank_gallery
     if impl == "eager":
@@ -65,8 +67,9 @@ def test_gallery_bias(benchmark, roofs, bank_gallery, impl):
         del S_t
         check = lambda out: expect_close("log_v", out[1], exp_v, dtype, ORACLE)
     else:
+        backend, materialize = split_impl(impl)
         fn = lambda: retrieval.gallery_bias(bank, gallery, SCALE, n_iters=ITERS, tol=None,
-                                            backend=impl)
+                                            backend=backend, materialize=materialize)
         check = lambda g: expect_close("g", g, expected, dtype, ORACLE)
     run_case(benchmark, roofs, op="gallery_bias", backend=impl,
              ours=impl not in ("eager", "pot"), fn=fn, check=check, shape=(K, M, D),

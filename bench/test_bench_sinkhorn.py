@@ -30,7 +30,9 @@ from harness import (
     expect_close,
     ours_backends,
     run_case,
+    split_impl,
     unit_rows,
+    with_streaming,
 )
 
 N = SIZE.dense
@@ -111,7 +113,7 @@ def test_sinkhorn_dense(benchmark, roofs, dense, impl):
              note=f"{ITERS} iterations, tol=None")
 
 
-@pytest.mark.parametrize("impl", ours_backends(auto=True) + STREAM_PEERS)
+@pytest.mark.parametrize("impl", with_streaming(ours_backends(auto=True)) + STREAM_PEERS)
 def test_sinkhorn_embeddings(benchmark, roofs, stream, impl):
     dtype, x, y, expected = stream
     check = lambda out: _check_fg(out, expected, dtype, ORACLE_S)
@@ -127,8 +129,11 @@ def test_sinkhorn_embeddings(benchmark, roofs, stream, impl):
     elif impl == "flash-sinkhorn":
         fn, check = _flash_sinkhorn_case(x, y, expected, dtype)
     else:
+        backend, materialize = split_impl(impl)
+
         def fn():
-            res = nk.sinkhorn_embeddings(x, y, SCALE, n_iters=ITERS, tol=None, backend=impl)
+            res = nk.sinkhorn_embeddings(x, y, SCALE, n_iters=ITERS, tol=None,
+                                         backend=backend, materialize=materialize)
             return res.f, res.g
     run_case(benchmark, roofs, op="sinkhorn_embeddings", backend=impl,
              ours=impl not in STREAM_PEERS, fn=fn, check=check, shape=(NS, NS, D),
