@@ -1,8 +1,21 @@
-// ncl_grad on the GPU: G = dloss/dlogits element by element (common/ncl_math.h's
-// ncl_grad_elem), written as scale * G into `out` (which may be S itself) and reduced to
+// ncl_grad on the GPU: G = dloss/dlogits element by element (docs/math.md section 3),
+// written as scale * G into `out` (which may be S itself) and reduced to
 // dscale_sum = sum_ij G_ij S_ij over the unmasked entries.
 //
-// Rows are walked like row_lse (a warp per short row, a block per long row, grid-stride).
+// Layout (as col_lse's): a block owns a tile of kTile = 32 * kN columns and a slab of
+// rows; its 8 warps take the slab's rows round-robin, rows_per_step() rows per step (all
+// loads of a step issued before any is used, the stores after). The per-column values of
+// the tile (g_j, -lse_col_j, coef_col_j and the target row z_j) are read once per block
+// into shared memory, so the only per-element traffic is S and out: a row-wise walk would
+// re-read 20 bytes of column vectors per element from L2.
+//
+//   G_ij = coef_row_i (exp(l + g_j - lse_row_i) - [j == y_i])
+//        + coef_col_j (exp(l + f_i - lse_col_j) - [row_offset + i == z_j]),  l = scale S_ij
+//
+// with exp by ex2 (fast_exp) and the -LSE rule of neg_lse (an LSE of -inf: probability
+// 0), no branch per element. l + g_j and l + f_i are rounded as row_lse and col_lse
+// rounded them, so a softmax that must be exactly 1 is exactly 1.
+//
 // The sum is deterministic: each thread accumulates its elements in a fixed order, each
 // block reduces its threads in a fixed tree (one partial per block, in a workspace sized
 // by ncl_grad_blocks), and one final block adds the partials in block order. No atomics.
@@ -18,9 +31,21 @@ namespace ncl {
 namespace cuda {
 namespace {
 
-// Grid cap: it bounds the partials workspace; 2048 blocks of 256 threads still fill an
-// H200 (132 SMs x 8 resident blocks) about twice.
-constexpr int64_t kMaxBlocks = 2048;
+// Rows per warp per step (4 x 16 B of loads in flight per thread) and the blocks per SM
+// the register budget is set for: 3 (at most 85 registers), 48 KB of loads in flight per
+// SM. The element-wise path of misaligned rows (more addresses) and float64 (a long exp)
+// take 2 rows and 2 blocks, which they fit without spilling.
+template <typename Storage, bool VEC>
+__host__ __device__ constexpr bool grad_wide() { return VEC && sizeof(Storage) < 8; }
+template <typename Storage, bool VEC>
+__host__ __device__ constexpr int rows_per_step() { return grad_wide<Storage, VEC>() ? 4 : 2; }
+template <typename Storage, bool VEC>
+__host__ __device__ constexpr int min_blocks() { return grad_wide<Storage, VEC>() ? 3 : 2; }
+// Rows per slab: enough for the column values a lane loads once to be negligible, few
+// enough for many blocks (waves of equal blocks waste at most the last, partial one).
+constexpr int64_t kMinRowsPerSlab = 256;
+constexpr int64_t kMaxSlabs = 65535;           // gridDim.y limit
+constexpr int64_t kMaxPartials = int64_t(1) << 16;  // bounds the workspace (with the tiles)
 
 template <typename Acc>
 struct GradArgs {
@@ -28,68 +53,114 @@ struct GradArgs {
   const Acc *f, *g, *lse_row, *lse_col, *coef_row, *coef_col;
   const int64_t *y, *z;
   int64_t row_offset;  // global index of row 0 (for the column targets z)
-  bool cols_aligned;   // g, lse_col, coef_col and z all 16-byte aligned (load_cols)
 };
 
-// One element: returns scale * G_ij and adds G_ij * S_ij to ds (masked entries add 0:
-// their logit does not depend on the scale).
-template <typename Acc_>
-struct GradElem {
-  using Acc = Acc_;
-  const GradArgs<Acc> a;  // by value: a reference to a kernel parameter forces a local copy
-  Acc f_i, lse_row_i, crow_i;
-  int64_t y_i, i_global;
-  Acc& ds;
+// The launch shape: column tiles x row slabs, one partial sum per block.
+struct GradGrid {
+  int64_t tiles, slabs, rows_per_slab;
+  int64_t blocks() const { return tiles * slabs; }
+};
+inline GradGrid grad_grid(int64_t n, int64_t m, int64_t tile) {
+  GradGrid gg{ceil_div(m, tile), 1, n};
+  if (n <= 0 || m <= 0) return {0, 0, 0};
+  int64_t rows = kMinRowsPerSlab;
+  if (ceil_div(n, rows) > kMaxSlabs) rows = ceil_div(n, kMaxSlabs);
+  const int64_t most = gg.tiles >= kMaxPartials ? 1 : kMaxPartials / gg.tiles;
+  if (ceil_div(n, rows) > most) rows = ceil_div(n, most);
+  gg.rows_per_slab = rows;
+  gg.slabs = ceil_div(n, rows);
+  return gg;
+}
 
-  __device__ __forceinline__ Acc elem(int64_t j, Acc x, Acc g_j, Acc lse_col_j, Acc ccol_j,
-                                      int64_t z_j) {
-    // l rounded on its own (mul_rn), as in row_lse/col_lse, so that l + g_j and l + f_i
-    // below equal the values those kernels pushed (a softmax that must be 1 is exactly 1)
-    const Acc l = mul_rn(a.scale, x);
-    const Acc G = ncl_grad_elem(l, f_i, g_j, lse_row_i, lse_col_j, j == y_i, i_global == z_j,
-                                crow_i, ccol_j);
-    if (x != neg_inf<Acc>()) ds += G * x;
-    return G * a.scale;
-  }
-  __device__ __forceinline__ Acc operator()(int64_t j, Acc x) {
-    return elem(j, x, a.g[j], a.lse_col[j], a.coef_col[j], a.z[j]);
-  }
-  template <int K>
-  __device__ __forceinline__ void vec(int64_t j0, Acc (&x)[K]) {
-    Acc gv[K], lc[K], cc[K];
-    int64_t zv[K];
-    load_cols(a.g, j0, a.cols_aligned, gv);
-    load_cols(a.lse_col, j0, a.cols_aligned, lc);
-    load_cols(a.coef_col, j0, a.cols_aligned, cc);
-    load_cols(a.z, j0, a.cols_aligned, zv);
-#pragma unroll
-    for (int k = 0; k < K; ++k) x[k] = elem(j0 + k, x[k], gv[k], lc[k], cc[k], zv[k]);
-  }
+// A column's values, shared by the block's warps (they all walk the same columns).
+template <typename Acc>
+struct ColVals {
+  Acc g, nlse, coef;
+  int z;  // z_j as a row of this slab (row_offset + r_begin + z == z_j), else -1
 };
 
 // S and out may alias (in place), hence no __restrict__ on them.
-template <typename Storage, typename Acc, int WARPS_PER_ROW, bool VEC, bool WRITE>
-__global__ void __launch_bounds__(kThreads)
+template <typename Storage, typename Acc, bool VEC, bool WRITE>
+__global__ void __launch_bounds__(kThreads, min_blocks<Storage, VEC>())
 ncl_grad_kernel(const Storage* S, Storage* out, int64_t n, int64_t m, int64_t row_stride,
-                int64_t out_row_stride, GradArgs<Acc> a, Acc* __restrict__ partials) {
-  constexpr int kRowsPerBlock = kWarps / WARPS_PER_ROW;
-  constexpr int kGroup = 32 * WARPS_PER_ROW;
+                int64_t out_row_stride, GradArgs<Acc> a, int64_t rows_per_slab,
+                Acc* __restrict__ partials) {
+  constexpr int kN = Vec<Storage>::kN;
+  constexpr int kTile = 32 * kN;
+  constexpr int U = rows_per_step<Storage, VEC>();
+  // cols[k][lane]: column chunk_col(tile0, lane, k); lane-minor, so that a warp's reads of
+  // one k hit consecutive 16-byte words (no bank conflict)
+  __shared__ ColVals<Acc> cols[kN][32];
+  const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int t = threadIdx.x % kGroup;
+  const int64_t tile0 = int64_t(blockIdx.x) * kTile;
+  const int64_t r_begin = int64_t(blockIdx.y) * rows_per_slab;
+  const int64_t r_end = r_begin + rows_per_slab < n ? r_begin + rows_per_slab : n;
+  const int slab_rows = int(r_end - r_begin);
+
+  for (int c = threadIdx.x; c < kTile; c += kThreads) {  // past m: no mass, no target
+    const int k = c / 32, ln = c % 32;
+    const int64_t j = chunk_col<VEC, 32, kN>(tile0, ln, k);
+    const bool in = j < m;
+    const int64_t zr = in ? a.z[j] - a.row_offset - r_begin : -1;
+    cols[k][ln] = {in ? a.g[j] : Acc(0), in ? neg_lse(a.lse_col[j]) : neg_inf<Acc>(),
+                   in ? a.coef_col[j] : Acc(0), zr >= 0 && zr < slab_rows ? int(zr) : -1};
+  }
+  __syncthreads();
+
+  // y_i as this lane's k (j_k == y_i), else -1
+  const auto target_k = [&](int64_t y) -> int {
+    const int64_t d = y - chunk_col<VEC, 32, kN>(tile0, lane, 0);
+    if (VEC) return d >= 0 && d < kN ? int(d) : -1;
+    return d >= 0 && d % 32 == 0 && d / 32 < kN ? int(d / 32) : -1;
+  };
 
   Acc ds = Acc(0);
-  for (int64_t row0 = int64_t(blockIdx.x) * kRowsPerBlock; row0 < n;
-       row0 += int64_t(gridDim.x) * kRowsPerBlock) {
-    const int64_t i = row0 + warp / WARPS_PER_ROW;
-    if (i >= n) continue;
-    GradElem<Acc> fn{a, a.f[i], a.lse_row[i], a.coef_row[i], a.y[i], a.row_offset + i, ds};
-    if (WRITE)
-      update_row<Storage, kGroup, VEC>(S + i * row_stride, out + i * out_row_stride, m, t, fn);
-    else
-      read_row<Storage, kGroup, VEC>(S + i * row_stride, m, t, fn);
-  }
+  // the NU rows i + u kWarps (u < NU) of one step
+  const auto step = [&](auto nu, int64_t i) {
+    constexpr int NU = decltype(nu)::value;
+    Vec<Storage> x[NU];
+    Acc fi[NU], nlr[NU], cr[NU];
+    int yk[NU];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) {
+      const int64_t r = i + u * kWarps;
+      x[u] = load_chunk<VEC, 32>(S + r * row_stride, tile0, lane, m);
+      fi[u] = a.f[r];
+      nlr[u] = neg_lse(a.lse_row[r]);
+      cr[u] = a.coef_row[r];
+      yk[u] = target_k(a.y[r]);
+    }
+    const int il = int(i - r_begin);
+#pragma unroll
+    for (int k = 0; k < kN; ++k) {
+      const ColVals<Acc> cv = cols[k][lane];
+#pragma unroll
+      for (int u = 0; u < NU; ++u) {
+        const Acc xv = load_acc(x[u].e[k]);
+        const Acc l = mul_rn(a.scale, xv);
+        const Acc p_row = fast_exp(add_rn(l, cv.g) + nlr[u]);
+        const Acc p_col = fast_exp(add_rn(l, fi[u]) + cv.nlse);
+        const Acc G = cr[u] * (p_row - (k == yk[u] ? Acc(1) : Acc(0))) +
+                      cv.coef * (p_col - (il + u * kWarps == cv.z ? Acc(1) : Acc(0)));
+        // masked entries add 0: their logit does not depend on the scale
+        ds += xv != neg_inf<Acc>() ? G * xv : Acc(0);
+        if (WRITE) x[u].e[k] = store_as<Storage>(G * a.scale);
+      }
+    }
+    if (WRITE) {
+#pragma unroll
+      for (int u = 0; u < NU; ++u)
+        store_chunk<VEC, 32>(out + (i + u * kWarps) * out_row_stride, tile0, lane, m, x[u]);
+    }
+  };
+
+  int64_t i = r_begin + warp;
+  for (; i + (U - 1) * kWarps < r_end; i += U * kWarps) step(std::integral_constant<int, U>{}, i);
+  for (; i < r_end; i += kWarps) step(std::integral_constant<int, 1>{}, i);
+
   const Acc total = block_sum(ds);  // every thread gets here (no early return above)
-  if (threadIdx.x == 0) partials[blockIdx.x] = total;
+  if (threadIdx.x == 0) partials[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = total;
 }
 
 // One block: *ds = sum of partials[0 .. count) in a fixed order (0 when count == 0).
@@ -110,44 +181,45 @@ cudaError_t launch(const GradPtrs& p, int64_t n, int64_t m, int64_t row_stride,
                         static_cast<const Acc*>(p.f), static_cast<const Acc*>(p.g),
                         static_cast<const Acc*>(p.lse_row), static_cast<const Acc*>(p.lse_col),
                         static_cast<const Acc*>(p.coef_row), static_cast<const Acc*>(p.coef_col),
-                        p.y, p.z, row_offset,
-                        aligned16(p.g) && aligned16(p.lse_col) && aligned16(p.coef_col) &&
-                            aligned16(p.z)};
+                        p.y, p.z, row_offset};
   Acc* partials = static_cast<Acc*>(p.work);
   Acc* ds = static_cast<Acc*>(p.ds);
-  int64_t count = 0;
-  if (n > 0 && m > 0) {
-    const RowGrid rg = row_grid(n, m, kMaxBlocks);
-    if (int64_t(rg.blocks) > capacity) return cudaErrorInvalidValue;
-    count = rg.blocks;
+  const GradGrid gg = grad_grid(n, m, 32 * Vec<Storage>::kN);
+  if (gg.blocks() > capacity) return cudaErrorInvalidValue;
+  // (grid limits; the kernel indexes rows within a slab with 32-bit integers)
+  if (gg.tiles > 0x7fffffff || gg.slabs > kMaxSlabs || gg.rows_per_slab > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  if (gg.blocks() > 0) {
     const Storage* s = static_cast<const Storage*>(p.S);
     Storage* o = static_cast<Storage*>(p.out);
     const bool write = o != nullptr;
     const bool vec = rows_aligned16<Storage>(p.S, row_stride) &&
                      (!write || rows_aligned16<Storage>(p.out, out_row_stride));
-#define NCL_LAUNCH(WPR, VEC, WRITE)                                                   \
-  e = launch_kernel(ncl_grad_kernel<Storage, Acc, WPR, VEC, WRITE>, dim3(rg.blocks),     \
-                    dim3(kThreads), stream, s, o, n, m, row_stride, out_row_stride, a,     \
-                    partials)
-#define NCL_LAUNCH_W(WPR, VEC) \
-  if (write) NCL_LAUNCH(WPR, VEC, true); else NCL_LAUNCH(WPR, VEC, false)
-    cudaError_t e;
-    if (rg.block_per_row) {
-      if (vec) { NCL_LAUNCH_W(kWarps, true); } else { NCL_LAUNCH_W(kWarps, false); }
-    } else {
-      if (vec) { NCL_LAUNCH_W(1, true); } else { NCL_LAUNCH_W(1, false); }
-    }
-#undef NCL_LAUNCH_W
-#undef NCL_LAUNCH
+    const cudaError_t e = with_flags(
+        [&](auto v, auto w) {
+          return launch_kernel(
+              ncl_grad_kernel<Storage, Acc, decltype(v)::value, decltype(w)::value>,
+              dim3(unsigned(gg.tiles), unsigned(gg.slabs)), dim3(kThreads), stream, s, o, n, m,
+              row_stride, out_row_stride, a, gg.rows_per_slab, partials);
+        },
+        vec, write);
     if (e != cudaSuccess) return e;
   }
   return launch_kernel(sum_partials_kernel<Acc>, dim3(1), dim3(kThreads), stream,
-                       static_cast<const Acc*>(partials), count, ds);
+                       static_cast<const Acc*>(partials), gg.blocks(), ds);
 }
 
 }  // namespace
 
-int64_t ncl_grad_blocks(int64_t n, int64_t m) { return row_grid(n, m, kMaxBlocks).blocks; }
+// The workspace bound for every storage type (tiles of 64, 128 or 256 columns).
+int64_t ncl_grad_blocks(int64_t n, int64_t m) {
+  int64_t most = 0;
+  for (const int64_t tile : {64, 128, 256}) {
+    const int64_t b = grad_grid(n, m, tile).blocks();
+    most = b > most ? b : most;
+  }
+  return most;
+}
 
 cudaError_t ncl_grad_cuda(const GradPtrs& p, int64_t n, int64_t m, int64_t row_stride,
                           int64_t out_row_stride, int dtype, double scale, int64_t row_offset,
