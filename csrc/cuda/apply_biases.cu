@@ -16,11 +16,10 @@ namespace {
 
 constexpr int64_t kMaxBlocks = 1 << 16;
 
-template <typename Storage, typename Acc, int WARPS_PER_GROUP, bool VEC>
+template <typename Storage, typename Acc, int WARPS_PER_GROUP, bool VEC, bool GVEC>
 __global__ void __launch_bounds__(kThreads, stream_min_blocks<Storage, VEC>())
 apply_biases_kernel(Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_stride,
-                    Acc scale, const Acc* __restrict__ f, const Acc* __restrict__ g,
-                    bool g_aligned) {
+                    Acc scale, const Acc* __restrict__ f, const Acc* __restrict__ g) {
   constexpr int kN = Vec<Storage>::kN;
   constexpr int R = rows_per_group<Storage>();
   constexpr int kGroups = kWarps / WARPS_PER_GROUP;
@@ -31,34 +30,43 @@ apply_biases_kernel(Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_s
        row0 += int64_t(gridDim.x) * kGroups * R) {
     const int64_t i0 = row0 + int64_t(threadIdx.x / G) * R;
     if (i0 >= n) continue;  // no barrier in this kernel
-    const int nr = n - i0 < R ? int(n - i0) : R;
-    Storage* rows[R];
-    Acc fi[R];
+    // rows first + r (r < NR) side by side
+    const auto run = [&](auto nr, int64_t first) {
+      constexpr int NR = decltype(nr)::value;
+      Storage* rows[NR];
+      Acc fi[NR];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      rows[r] = S + (r < nr ? i0 + r : i0) * row_stride;
-      fi[r] = has_f && r < nr ? f[i0 + r] : Acc(0);
-    }
-    for (int64_t base = 0; base < m; base += int64_t(G) * kN) {
-      Vec<Storage> x[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-        if (r < nr) x[r] = load_chunk<VEC, G>(rows[r], base, t, m);
-      Acc gv[kN];
-      load_cols<VEC, G>(g, base, t, m, g_aligned, gv);
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (r >= nr) continue;
-#pragma unroll
-        for (int k = 0; k < kN; ++k) {
-          // the same roundings and order as the PyTorch backend: (s * x + f_i) + g_j
-          Acc v = mul_rn(scale, load_acc(x[r].e[k]));
-          if (has_f) v = add_rn(v, fi[r]);
-          if (has_g) v = add_rn(v, gv[k]);
-          x[r].e[k] = store_as<Storage>(v);
-        }
-        store_chunk<VEC, G>(rows[r], base, t, m, x[r]);
+      for (int r = 0; r < NR; ++r) {
+        rows[r] = S + (first + r) * row_stride;
+        fi[r] = has_f ? f[first + r] : Acc(0);
       }
+      walk_row<G, kN>(m, [&](auto whole, int64_t base) {
+        constexpr bool W = decltype(whole)::value;
+        Vec<Storage> x[NR];
+#pragma unroll
+        for (int r = 0; r < NR; ++r) x[r] = load_chunk<VEC, W, G>(rows[r], base, t, m);
+        Acc gv[kN];
+        load_cols<VEC, GVEC, W, G>(g, base, t, m, gv);
+#pragma unroll
+        for (int r = 0; r < NR; ++r) {
+          Acc v[kN];
+          to_acc(x[r], v);
+#pragma unroll
+          for (int k = 0; k < kN; ++k) {
+            // the same roundings and order as the PyTorch backend: (s * x + f_i) + g_j
+            v[k] = mul_rn(scale, v[k]);
+            if (has_f) v[k] = add_rn(v[k], fi[r]);
+            if (has_g) v[k] = add_rn(v[k], gv[k]);
+          }
+          from_acc(v, x[r]);
+          store_chunk<VEC, W, G>(rows[r], base, t, m, x[r]);
+        }
+      });
+    };
+    if (i0 + R <= n) {
+      run(std::integral_constant<int, R>{}, i0);
+    } else {  // the last rows, one at a time (no row may be updated twice)
+      for (int64_t i = i0; i < n; ++i) run(std::integral_constant<int, 1>{}, i);
     }
   }
 }
@@ -70,15 +78,21 @@ cudaError_t launch(void* S, int64_t n, int64_t m, int64_t row_stride, double sca
   const Acc* fp = static_cast<const Acc*>(f);
   const Acc* gp = static_cast<const Acc*>(g);
   const RowGrid rg = row_grid<Storage>(n, m, kMaxBlocks);
+  // VEC: 16-byte chunks of S; GVEC (VEC rows only): 16-byte chunks of g too
+  const bool rows_vec = rows_aligned16<Storage>(S, row_stride);
+  const bool g_vec = rows_vec && (g == nullptr || aligned16(g));
   return with_flags(
-      [&](auto block_per_row, auto vec) {
-        return launch_kernel(
-            apply_biases_kernel<Storage, Acc, decltype(block_per_row)::value ? kWarps : 1,
-                                decltype(vec)::value>,
-            dim3(rg.blocks), dim3(kThreads), stream, s, n, m, row_stride, Acc(scale), fp, gp,
-            aligned16(gp));
+      [&](auto block_per_row, auto vec, auto gvec) {
+        constexpr bool V = decltype(vec)::value, GV = decltype(gvec)::value;
+        if constexpr (GV && !V) {
+          return cudaErrorInvalidValue;  // never chosen (g_vec implies rows_vec)
+        } else {
+          return launch_kernel(
+              apply_biases_kernel<Storage, Acc, decltype(block_per_row)::value ? kWarps : 1, V, GV>,
+              dim3(rg.blocks), dim3(kThreads), stream, s, n, m, row_stride, Acc(scale), fp, gp);
+        }
       },
-      rg.block_per_row, rows_aligned16<Storage>(S, row_stride));
+      rg.block_per_row, rows_vec, g_vec);
 }
 
 }  // namespace

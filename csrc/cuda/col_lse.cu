@@ -58,32 +58,44 @@ col_lse_kernel(const Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_
 
   // st[k]: column chunk_col(tile0, lane, k) (columns past m stay empty: -inf pads)
   LseState<Acc> st[kN];
-  int64_t i = r_begin + warp;
-  for (; i + (U - 1) * kWarps < r_end; i += U * kWarps) {
-    Vec<Storage> x[U];
-    Acc fu[U];
+  const auto walk = [&](auto whole) {  // whole: the tile lies below m (no bound checks)
+    constexpr bool W = decltype(whole)::value;
+    int64_t i = r_begin + warp;
+    for (; i + (U - 1) * kWarps < r_end; i += U * kWarps) {
+      Vec<Storage> x[U];
+      Acc fu[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      x[u] = load_chunk<VEC, 32>(S + (i + u * kWarps) * row_stride, tile0, lane, m);
-      fu[u] = f ? f[i + u * kWarps] : Acc(0);
+      for (int u = 0; u < U; ++u) {
+        x[u] = load_chunk<VEC, W, 32>(S + (i + u * kWarps) * row_stride, tile0, lane, m);
+        fu[u] = f ? f[i + u * kWarps] : Acc(0);
+      }
+      Acc xa[U][kN];
+#pragma unroll
+      for (int u = 0; u < U; ++u) to_acc(x[u], xa[u]);
+#pragma unroll
+      for (int k = 0; k < kN; ++k) {
+        Acc l[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) l[u] = add_rn(mul_rn(scale, xa[u][k]), fu[u]);
+        push_tile(st[k], l);
+      }
     }
+    for (; i < r_end; i += kWarps) {  // the slab's last rows, one per step
+      const Vec<Storage> x = load_chunk<VEC, W, 32>(S + i * row_stride, tile0, lane, m);
+      const Acc fi = f ? f[i] : Acc(0);
+      Acc xa[kN];
+      to_acc(x, xa);
 #pragma unroll
-    for (int k = 0; k < kN; ++k) {
-      Acc l[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) l[u] = add_rn(mul_rn(scale, load_acc(x[u].e[k])), fu[u]);
-      push_tile(st[k], l);
+      for (int k = 0; k < kN; ++k) {
+        const Acc l[1] = {add_rn(mul_rn(scale, xa[k]), fi)};
+        push_tile(st[k], l);
+      }
     }
-  }
-  for (; i < r_end; i += kWarps) {  // the slab's last rows, one per step
-    const Vec<Storage> x = load_chunk<VEC, 32>(S + i * row_stride, tile0, lane, m);
-    const Acc fi = f ? f[i] : Acc(0);
-#pragma unroll
-    for (int k = 0; k < kN; ++k) {
-      const Acc l[1] = {add_rn(mul_rn(scale, load_acc(x.e[k])), fi)};
-      push_tile(st[k], l);
-    }
-  }
+  };
+  if (tile0 + kTile <= m)  // uniform over the block
+    walk(std::true_type{});
+  else
+    walk(std::false_type{});
 
   // merge the kWarps states of each column, in warp order
 #pragma unroll

@@ -86,6 +86,10 @@ __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
+// a * b + c rounded once, on the device and in the host emulation alike
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return fma(a, b, c); }
+
 __device__ __forceinline__ float max_of(float a, float b) { return fmaxf(a, b); }
 __device__ __forceinline__ double max_of(double a, double b) { return fmax(a, b); }
 
@@ -146,6 +150,51 @@ struct Vec {
   };
 };
 
+// The kN values of a vector as accumulators. bf16 straight from the 32-bit words (the
+// low element is w << 16, the high one w & 0xffff0000: one instruction each, where the
+// element-wise path extracts and shifts); the same bits as to_float.
+template <typename Storage, typename Acc>
+__device__ __forceinline__ void to_acc(const Vec<Storage>& v, Acc (&out)[Vec<Storage>::kN]) {
+#pragma unroll
+  for (int k = 0; k < Vec<Storage>::kN; ++k) out[k] = load_acc(v.e[k]);
+}
+__device__ __forceinline__ void to_acc(const Vec<bf16_t>& v, float (&out)[8]) {
+  const uint32_t w[4] = {v.raw.x, v.raw.y, v.raw.z, v.raw.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    out[2 * q] = bits_as_float(w[q] << 16);
+    out[2 * q + 1] = bits_as_float(w[q] & 0xffff0000u);
+  }
+}
+
+// The reverse: accumulators rounded to the storage type (round to nearest even, as
+// store_as), two per conversion instruction for bf16 and fp16 on the device.
+template <typename Storage, typename Acc>
+__device__ __forceinline__ void from_acc(const Acc (&x)[Vec<Storage>::kN], Vec<Storage>& v) {
+#pragma unroll
+  for (int k = 0; k < Vec<Storage>::kN; ++k) v.e[k] = store_as<Storage>(x[k]);
+}
+#ifndef NCL_HOST_EMULATION
+__device__ __forceinline__ void from_acc(const float (&x)[8], Vec<bf16_t>& v) {
+  uint32_t w[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * q], x[2 * q + 1]);
+    memcpy(&w[q], &h, 4);
+  }
+  v.raw = make_uint4(w[0], w[1], w[2], w[3]);
+}
+__device__ __forceinline__ void from_acc(const float (&x)[8], Vec<f16_t>& v) {
+  uint32_t w[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const __half2 h = __floats2half2_rn(x[2 * q], x[2 * q + 1]);
+    memcpy(&w[q], &h, 4);
+  }
+  v.raw = make_uint4(w[0], w[1], w[2], w[3]);
+}
+#endif
+
 // Streaming (evict-first) 16-byte accesses: S is touched once per pass, so it should not
 // push the vectors that every row reads again (g, f) out of the caches.
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
@@ -178,59 +227,66 @@ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 1
 //   VEC (rows 16-byte aligned): base + t kN + k, one vector load;
 //   otherwise:                   base + t + k G, element loads that are coalesced across
 //                                the group (lane t next to lane t + 1).
-// Columns at or past m are not read: a loaded chunk holds -inf there, and nothing is
-// stored there.
+// WHOLE: the caller knows that the group's whole segment (G kN columns) lies below m, so
+// there is no bound to check; the kernels run every step but a row's last this way.
+// Otherwise columns at or past m are not read (a loaded chunk holds -inf there, which
+// adds nothing to an LSE) and nothing is stored there.
 template <bool VEC, int G, int kN>
 __device__ __forceinline__ int64_t chunk_col(int64_t base, int t, int k) {
   return VEC ? base + int64_t(t) * kN + k : base + t + int64_t(k) * G;
 }
 
-template <bool VEC, int G, typename Storage>
+template <bool VEC, bool WHOLE, int G, int kN>
 __device__ __forceinline__ bool chunk_whole(int64_t base, int t, int64_t m) {
-  return VEC && base + int64_t(t + 1) * Vec<Storage>::kN <= m;
+  return WHOLE || (VEC && base + int64_t(t + 1) * kN <= m);
 }
 
-template <bool VEC, int G, typename Storage>
+template <bool VEC, bool WHOLE, int G, typename Storage>
 __device__ __forceinline__ Vec<Storage> load_chunk(const Storage* row, int64_t base, int t,
                                                    int64_t m) {
   constexpr int kN = Vec<Storage>::kN;
   Vec<Storage> v;
-  if (chunk_whole<VEC, G, Storage>(base, t, m)) {
+  if (VEC && chunk_whole<VEC, WHOLE, G, kN>(base, t, m)) {
     v.raw = load_stream(reinterpret_cast<const uint4*>(row + base + int64_t(t) * kN));
   } else {
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
       const int64_t j = chunk_col<VEC, G, kN>(base, t, k);
-      v.e[k] = j < m ? row[j] : storage_neg_inf<Storage>();
+      v.e[k] = WHOLE || j < m ? row[j] : storage_neg_inf<Storage>();
     }
   }
   return v;
 }
 
-template <bool VEC, int G, typename Storage>
+template <bool VEC, bool WHOLE, int G, typename Storage>
 __device__ __forceinline__ void store_chunk(Storage* row, int64_t base, int t, int64_t m,
                                             const Vec<Storage>& v) {
   constexpr int kN = Vec<Storage>::kN;
-  if (chunk_whole<VEC, G, Storage>(base, t, m)) {
+  if (VEC && chunk_whole<VEC, WHOLE, G, kN>(base, t, m)) {
     store_stream(reinterpret_cast<uint4*>(row + base + int64_t(t) * kN), v.raw);
   } else {
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
       const int64_t j = chunk_col<VEC, G, kN>(base, t, k);
-      if (j < m) row[j] = v.e[k];
+      if (WHOLE || j < m) row[j] = v.e[k];
     }
   }
 }
 
-// The kN values of a per-column vector p (g, f) for a chunk; 0 where p is null or past m.
-// `aligned` (p 16-byte aligned, so p + base + t kN is too): 16-byte loads for a whole
-// chunk; otherwise one load per element. These vectors are read by every row and stay in
-// the caches (plain loads, not streaming ones).
-template <bool VEC, int G, int kN, typename T>
+// The kN values of a per-column vector p (g) for a chunk; 0 where p is null or past m.
+// GVEC (VEC rows, and p null or 16-byte aligned, so that p + base + t kN is too): a whole
+// chunk is two or one 16-byte loads; otherwise one load per element. The launcher picks
+// GVEC, so a loop holds one way of reading p, not a predicated second one. These vectors
+// are read by every row and stay in the caches (plain loads, not streaming ones).
+template <bool VEC, bool GVEC, bool WHOLE, int G, int kN, typename T>
 __device__ __forceinline__ void load_cols(const T* p, int64_t base, int t, int64_t m,
-                                          bool aligned, T (&out)[kN]) {
+                                          T (&out)[kN]) {
   static_assert((kN * sizeof(T)) % 16 == 0, "whole 16-byte vectors");
-  if (p != nullptr && aligned && VEC && base + int64_t(t + 1) * kN <= m) {
+  static_assert(VEC || !GVEC, "vector column loads need the vector chunk layout");
+  if (p == nullptr) {
+#pragma unroll
+    for (int k = 0; k < kN; ++k) out[k] = T(0);
+  } else if (GVEC && chunk_whole<VEC, WHOLE, G, kN>(base, t, m)) {
     const uint4* q = reinterpret_cast<const uint4*>(p + base + int64_t(t) * kN);
 #pragma unroll
     for (int w = 0; w < int(kN * sizeof(T) / 16); ++w) {
@@ -241,9 +297,19 @@ __device__ __forceinline__ void load_cols(const T* p, int64_t base, int t, int64
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
       const int64_t j = chunk_col<VEC, G, kN>(base, t, k);
-      out[k] = p != nullptr && j < m ? p[j] : T(0);
+      out[k] = WHOLE || j < m ? p[j] : T(0);
     }
   }
+}
+
+// Walks the segments [base, base + G kN) of a row of m columns: fn(whole, base), with
+// whole a std::integral_constant, true for every segment but a ragged last one.
+template <int G, int kN, typename Fn>
+__device__ __forceinline__ void walk_row(int64_t m, Fn&& fn) {
+  constexpr int64_t kSeg = int64_t(G) * kN;
+  int64_t base = 0;
+  for (; base + kSeg <= m; base += kSeg) fn(std::true_type{}, base);
+  if (base < m) fn(std::false_type{}, base);
 }
 
 // ---------------------------------------------------------------- row-wise launch shape

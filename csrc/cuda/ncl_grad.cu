@@ -31,19 +31,18 @@ namespace ncl {
 namespace cuda {
 namespace {
 
-// Rows per warp per step (4 x 16 B of loads in flight per thread) and the blocks per SM
-// the register budget is set for: 3 (at most 85 registers), 48 KB of loads in flight per
-// SM. The element-wise path of misaligned rows (more addresses) and float64 (a long exp)
-// take 2 rows and 2 blocks, which they fit without spilling.
+// Rows per warp per step and the blocks per SM the register budget is set for: 6 rows
+// (6 x 16 B of loads in flight per thread) in 2 blocks (at most 128 registers), 48 KB of
+// loads in flight per SM. (4 rows in 3 blocks spills; 3 rows in 3 blocks holds 36 KB.)
+// The element-wise path of misaligned rows (an address and a bound per element) and
+// float64 (a long exp) take 2 rows, which they fit without spilling.
 template <typename Storage, bool VEC>
-__host__ __device__ constexpr bool grad_wide() { return VEC && sizeof(Storage) < 8; }
-template <typename Storage, bool VEC>
-__host__ __device__ constexpr int rows_per_step() { return grad_wide<Storage, VEC>() ? 4 : 2; }
-template <typename Storage, bool VEC>
-__host__ __device__ constexpr int min_blocks() { return grad_wide<Storage, VEC>() ? 3 : 2; }
-// Rows per slab: enough for the column values a lane loads once to be negligible, few
-// enough for many blocks (waves of equal blocks waste at most the last, partial one).
-constexpr int64_t kMinRowsPerSlab = 256;
+__host__ __device__ constexpr int rows_per_step() { return VEC && sizeof(Storage) < 8 ? 6 : 2; }
+constexpr int kMinBlocks = 2;
+// Rows per slab: enough for the column values a block loads once to be negligible, few
+// enough for many blocks (waves of equal blocks waste at most the last, partial one);
+// a multiple of the 48 rows of a block's step.
+constexpr int64_t kMinRowsPerSlab = 384;
 constexpr int64_t kMaxSlabs = 65535;           // gridDim.y limit
 constexpr int64_t kMaxPartials = int64_t(1) << 16;  // bounds the workspace (with the tiles)
 
@@ -81,7 +80,7 @@ struct ColVals {
 
 // S and out may alias (in place), hence no __restrict__ on them.
 template <typename Storage, typename Acc, bool VEC, bool WRITE>
-__global__ void __launch_bounds__(kThreads, min_blocks<Storage, VEC>())
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 ncl_grad_kernel(const Storage* S, Storage* out, int64_t n, int64_t m, int64_t row_stride,
                 int64_t out_row_stride, GradArgs<Acc> a, int64_t rows_per_slab,
                 Acc* __restrict__ partials) {
@@ -117,7 +116,9 @@ ncl_grad_kernel(const Storage* S, Storage* out, int64_t n, int64_t m, int64_t ro
 
   Acc ds = Acc(0);
   // the NU rows i + u kWarps (u < NU) of one step
-  const auto step = [&](auto nu, int64_t i) {
+  // whole: the tile lies below m (no bound checks)
+  const auto step = [&](auto whole, auto nu, int64_t i) {
+    constexpr bool W = decltype(whole)::value;
     constexpr int NU = decltype(nu)::value;
     Vec<Storage> x[NU];
     Acc fi[NU], nlr[NU], cr[NU];
@@ -125,39 +126,53 @@ ncl_grad_kernel(const Storage* S, Storage* out, int64_t n, int64_t m, int64_t ro
 #pragma unroll
     for (int u = 0; u < NU; ++u) {
       const int64_t r = i + u * kWarps;
-      x[u] = load_chunk<VEC, 32>(S + r * row_stride, tile0, lane, m);
+      x[u] = load_chunk<VEC, W, 32>(S + r * row_stride, tile0, lane, m);
       fi[u] = a.f[r];
       nlr[u] = neg_lse(a.lse_row[r]);
       cr[u] = a.coef_row[r];
       yk[u] = target_k(a.y[r]);
     }
+    Acc xa[NU][kN];
+#pragma unroll
+    for (int u = 0; u < NU; ++u) to_acc(x[u], xa[u]);
     const int il = int(i - r_begin);
 #pragma unroll
     for (int k = 0; k < kN; ++k) {
       const ColVals<Acc> cv = cols[k][lane];
 #pragma unroll
       for (int u = 0; u < NU; ++u) {
-        const Acc xv = load_acc(x[u].e[k]);
+        const Acc xv = xa[u][k];
         const Acc l = mul_rn(a.scale, xv);
         const Acc p_row = fast_exp(add_rn(l, cv.g) + nlr[u]);
         const Acc p_col = fast_exp(add_rn(l, fi[u]) + cv.nlse);
-        const Acc G = cr[u] * (p_row - (k == yk[u] ? Acc(1) : Acc(0))) +
-                      cv.coef * (p_col - (il + u * kWarps == cv.z ? Acc(1) : Acc(0)));
+        // coef (p - [target]) as one fma: exactly 0 when p is exactly 1 at the target
+        const Acc G = fma_rn(cr[u], p_row, k == yk[u] ? -cr[u] : Acc(0)) +
+                      fma_rn(cv.coef, p_col, il + u * kWarps == cv.z ? -cv.coef : Acc(0));
         // masked entries add 0: their logit does not depend on the scale
-        ds += xv != neg_inf<Acc>() ? G * xv : Acc(0);
-        if (WRITE) x[u].e[k] = store_as<Storage>(G * a.scale);
+        if (xv != neg_inf<Acc>()) ds = fma_rn(G, xv, ds);
+        xa[u][k] = G * a.scale;  // dloss/dS, stored below
       }
     }
     if (WRITE) {
 #pragma unroll
-      for (int u = 0; u < NU; ++u)
-        store_chunk<VEC, 32>(out + (i + u * kWarps) * out_row_stride, tile0, lane, m, x[u]);
+      for (int u = 0; u < NU; ++u) {
+        from_acc(xa[u], x[u]);
+        store_chunk<VEC, W, 32>(out + (i + u * kWarps) * out_row_stride, tile0, lane, m,
+                                x[u]);
+      }
     }
   };
 
-  int64_t i = r_begin + warp;
-  for (; i + (U - 1) * kWarps < r_end; i += U * kWarps) step(std::integral_constant<int, U>{}, i);
-  for (; i < r_end; i += kWarps) step(std::integral_constant<int, 1>{}, i);
+  const auto walk = [&](auto whole) {
+    int64_t i = r_begin + warp;
+    for (; i + (U - 1) * kWarps < r_end; i += U * kWarps)
+      step(whole, std::integral_constant<int, U>{}, i);
+    for (; i < r_end; i += kWarps) step(whole, std::integral_constant<int, 1>{}, i);
+  };
+  if (tile0 + kTile <= m)  // uniform over the block
+    walk(std::true_type{});
+  else
+    walk(std::false_type{});
 
   const Acc total = block_sum(ds);  // every thread gets here (no early return above)
   if (threadIdx.x == 0) partials[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = total;

@@ -24,11 +24,12 @@ namespace {
 constexpr int64_t kMaxBlocks = 1 << 16;
 
 // WARPS_PER_GROUP: 1 (a warp per group of rows, kWarps groups per block) or kWarps (a
-// block per group). VEC: rows are 16-byte aligned (base pointer and row stride).
-template <typename Storage, typename Acc, int WARPS_PER_GROUP, bool VEC>
+// block per group). VEC: rows are 16-byte aligned (base pointer and row stride). GVEC: so
+// is g (or it is null), read in 16-byte chunks too.
+template <typename Storage, typename Acc, int WARPS_PER_GROUP, bool VEC, bool GVEC>
 __global__ void __launch_bounds__(kThreads, stream_min_blocks<Storage, VEC>())
 row_lse_kernel(const Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_stride,
-               Acc scale, const Acc* __restrict__ g, bool g_aligned, Acc* __restrict__ out) {
+               Acc scale, const Acc* __restrict__ g, Acc* __restrict__ out) {
   static_assert(WARPS_PER_GROUP == 1 || WARPS_PER_GROUP == kWarps, "warp or block per row");
   constexpr int kN = Vec<Storage>::kN;
   constexpr int R = rows_per_group<Storage>();
@@ -51,20 +52,23 @@ row_lse_kernel(const Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_
     for (int r = 0; r < R; ++r) rows[r] = S + (i0 + r < n ? i0 + r : n - 1) * row_stride;
 
     LseState<Acc> st[R];
-    const bool live = i0 < n;  // uniform over the group
-    for (int64_t base = 0; live && base < m; base += int64_t(G) * kN) {
-      Vec<Storage> x[R];
+    if (i0 < n) {  // uniform over the group
+      walk_row<G, kN>(m, [&](auto whole, int64_t base) {
+        constexpr bool W = decltype(whole)::value;
+        Vec<Storage> x[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) x[r] = load_chunk<VEC, G>(rows[r], base, t, m);
-      Acc gv[kN];
-      load_cols<VEC, G>(g, base, t, m, g_aligned, gv);
+        for (int r = 0; r < R; ++r) x[r] = load_chunk<VEC, W, G>(rows[r], base, t, m);
+        Acc gv[kN];
+        load_cols<VEC, GVEC, W, G>(g, base, t, m, gv);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        Acc l[kN];
+        for (int r = 0; r < R; ++r) {
+          Acc l[kN];
+          to_acc(x[r], l);
 #pragma unroll
-        for (int k = 0; k < kN; ++k) l[k] = add_rn(mul_rn(scale, load_acc(x[r].e[k])), gv[k]);
-        push_tile(st[r], l);
-      }
+          for (int k = 0; k < kN; ++k) l[k] = add_rn(mul_rn(scale, l[k]), gv[k]);
+          push_tile(st[r], l);
+        }
+      });
     }
 
     // Every lane takes part in the shuffles, also those of groups past the last row.
@@ -101,15 +105,21 @@ cudaError_t launch(const void* S, int64_t n, int64_t m, int64_t row_stride, doub
   const Acc* gp = static_cast<const Acc*>(g);
   Acc* o = static_cast<Acc*>(out);
   const RowGrid rg = row_grid<Storage>(n, m, kMaxBlocks);
+  // VEC: 16-byte chunks of S; GVEC (VEC rows only): 16-byte chunks of g too
+  const bool rows_vec = rows_aligned16<Storage>(S, row_stride);
+  const bool g_vec = rows_vec && (g == nullptr || aligned16(g));
   return with_flags(
-      [&](auto block_per_row, auto vec) {
-        return launch_kernel(
-            row_lse_kernel<Storage, Acc, decltype(block_per_row)::value ? kWarps : 1,
-                           decltype(vec)::value>,
-            dim3(rg.blocks), dim3(kThreads), stream, s, n, m, row_stride, Acc(scale), gp,
-            aligned16(gp), o);
+      [&](auto block_per_row, auto vec, auto gvec) {
+        constexpr bool V = decltype(vec)::value, GV = decltype(gvec)::value;
+        if constexpr (GV && !V) {
+          return cudaErrorInvalidValue;  // never chosen (g_vec implies rows_vec)
+        } else {
+          return launch_kernel(
+              row_lse_kernel<Storage, Acc, decltype(block_per_row)::value ? kWarps : 1, V, GV>,
+              dim3(rg.blocks), dim3(kThreads), stream, s, n, m, row_stride, Acc(scale), gp, o);
+        }
       },
-      rg.block_per_row, rows_aligned16<Storage>(S, row_stride));
+      rg.block_per_row, rows_vec, g_vec);
 }
 
 }  // namespace
