@@ -131,19 +131,34 @@ def check_col_lse(backend, device, dtype, shape, layout, with_bias):
                  ref.col_lse(S.cpu(), SCALE, fc, dtype=torch.float32), dtype, "col_lse")
 
 
-def grad_problem(device, dtype, shape, layout, seed=0):
-    """Scores and every ncl_grad_ argument, plus the float64 and float32 references."""
+def grad_problem(device, dtype, shape, layout, seed=0, targets="default"):
+    """Scores and every ncl_grad_ argument, plus the float64 and float32 references.
+
+    targets: "default" (y_i = i, z_j = j below min(n, m)) or "random" (anywhere in the
+    block, so that they fall in every row slab and column tile of a kernel); either way
+    about a third of the rows and a quarter of the columns have none, and no target entry
+    is masked.
+    """
     n, m = shape
     acc = acc_dtype(dtype)
     S, wide = scores_on(device, n, m, dtype, seed=seed, layout=layout, mask="scattered")
     f, g = vector(n, acc, device, 3, 1.0), vector(m, acc, device, 4, 1.0)
-    y, z = ref.default_targets(n, m)
+    if targets == "default":
+        y, z = ref.default_targets(n, m)
+    else:
+        gen = torch.Generator().manual_seed(seed + 1)
+        y, z = torch.randint(0, m, (n,), generator=gen), torch.randint(0, n, (m,), generator=gen)
     y[::3] = -1  # rows and columns without a loss term (a third of them)
     z[1::4] = -1
     if (y >= 0).sum() == 0:
         y[0] = 0
     if (z >= 0).sum() == 0:
         z[0] = 0
+    if targets != "default":  # the default targets are never masked (scores_on)
+        rows, cols = torch.arange(n)[y >= 0], y[y >= 0]
+        S[rows.to(device), cols.to(device)] = 0.25
+        rows, cols = z[z >= 0], torch.arange(m)[z >= 0]
+        S[rows.to(device), cols.to(device)] = -0.25
     weights = (0.3, 0.7)
     coef_row = (weights[0] / int((y >= 0).sum())) * (y >= 0).to(acc)
     coef_col = (weights[1] / int((z >= 0).sum())) * (z >= 0).to(acc)
@@ -163,8 +178,8 @@ def grad_problem(device, dtype, shape, layout, seed=0):
     return S, wide, args, refs
 
 
-def check_ncl_grad(backend, device, dtype, shape, layout, mode):
-    S, wide, args, refs = grad_problem(device, dtype, shape, layout)
+def check_ncl_grad(backend, device, dtype, shape, layout, mode, targets="default"):
+    S, wide, args, refs = grad_problem(device, dtype, shape, layout, targets=targets)
     (out64, ds64), (out32, ds32) = refs[torch.float64], refs[torch.float32]
     be = backend_for(backend, S.device)
     wide_before = wide.clone()
@@ -195,15 +210,17 @@ def check_ncl_grad(backend, device, dtype, shape, layout, mode):
         assert (base[:, :3] == 9.0).all() and (base[:, 3 + shape[1]:] == 9.0).all()
 
 
-def check_ncl_grad_row_offset(backend, device, dtype):
-    """A chunk of rows with row_offset gives the same rows as the whole block."""
-    S, _, args, _ = grad_problem(device, dtype, (67, 45), "contiguous", seed=5)
+def check_ncl_grad_row_offset(backend, device, dtype, shape=(67, 45), targets="default"):
+    """Chunks of rows with row_offset give the same rows as the whole block."""
+    S, _, args, _ = grad_problem(device, dtype, shape, "contiguous", seed=5, targets=targets)
     f, g, lse_row, lse_col, coef_row, coef_col, y, z = args
     be = backend_for(backend, S.device)
     whole = torch.empty_like(S)
     ds_whole = be.ncl_grad_(S, SCALE, *args, out=whole)
     ds_parts = 0.0
-    for a, b in ((0, 20), (20, 45), (45, 67)):
+    n = shape[0]
+    cuts = [0, n * 3 // 10, n * 2 // 3, n]
+    for a, b in zip(cuts[:-1], cuts[1:]):
         part = torch.empty_like(S[a:b])
         ds_parts += float(be.ncl_grad_(S[a:b], SCALE, f[a:b], g, lse_row[a:b], lse_col,
                                        coef_row[a:b], coef_col, y[a:b], z, out=part,
