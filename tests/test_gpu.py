@@ -313,6 +313,62 @@ def test_ncl_grad(backend, dtype, shape, layout, mode):
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_ncl_grad_row_offset(backend, dtype):
     check_ncl_grad_row_offset(backend, "cuda", dtype)
+    check_ncl_grad_row_offset(backend, "cuda", dtype, (900, 67), targets="random")
+
+
+# The gradient over several row slabs and column tiles of the cuda kernel (at least 384
+# rows per slab, 64-256 columns per tile) with targets in all of them.
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("shape", [(900, 67), (1031, 4099)])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_ncl_grad_targets_in_every_slab_and_tile(backend, dtype, shape, layout):
+    for mode in ("new", "inplace"):
+        check_ncl_grad(backend, "cuda", dtype, shape, layout, mode, targets="random")
+
+
+# Rows that are whole multiples of every segment of the row kernels (no ragged step).
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("shape", [(5, 256), (2, 4096), (40, 8192)])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_rows_of_whole_segments(backend, dtype, shape, layout):
+    check_row_lse(backend, "cuda", dtype, shape, layout, True)
+    check_col_lse(backend, "cuda", dtype, shape, layout, True)
+    check_ncl_grad(backend, "cuda", dtype, shape, layout, "new")
+    check_apply_biases(backend, "cuda", dtype, shape, layout, "fg")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_long_rows_with_the_device_exp(backend, dtype):
+    """The device's approximate exp (ex2.approx) over 32768-term sums and a 4096 x 32768
+    gradient, against the float64 oracle evaluated on the GPU (docs/math.md section 5)."""
+    n, m = 4096, 32768
+    S, _ = scores_on("cuda", n, m, dtype, seed=21, mask="scattered")
+    be = backend_for(backend, S.device)
+    acc = acc_dtype(dtype)
+    f, g = vector(n, acc, "cuda", 22, 1.0), vector(m, acc, "cuda", 23, 1.0)
+    for got, fn, bias in ((be.row_lse(S, SCALE, g), ref.row_lse, g),
+                          (be.col_lse(S, SCALE, f), ref.col_lse, f)):
+        assert_close(got, fn(S, SCALE, bias), fn(S, SCALE, bias, dtype=torch.float32), dtype,
+                     fn.__name__)
+    y, z = ref.default_targets(n, m, device=S.device)
+    coef_row = torch.full((n,), 0.5 / n, dtype=acc, device="cuda")
+    coef_col = (0.5 / n) * (z >= 0).to(acc)
+    lse_row = ref.row_lse(S, SCALE, g, dtype=acc)
+    lse_col = ref.col_lse(S, SCALE, f, dtype=acc)
+    out = torch.empty_like(S)
+    ds = be.ncl_grad_(S, SCALE, f, g, lse_row, lse_col, coef_row, coef_col, y, z, out=out)
+    for rd in (torch.float64, torch.float32):
+        G = ref.ncl_grad(S, SCALE, f, g, y, z, dtype=rd)
+        Sr = S.to(rd)
+        if rd == torch.float64:
+            G64, ds64 = SCALE * G, (G * Sr.masked_fill(Sr == NEG_INF, 0.0)).sum()
+        else:
+            G32, ds32 = SCALE * G, (G * Sr.masked_fill(Sr == NEG_INF, 0.0)).sum()
+    assert_close(out, G64, low_precision_view(G32, dtype), dtype, "scale * G")
+    assert_close(ds, ds64, ds32, dtype, "dscale sum")
 
 
 @pytest.mark.matrix
@@ -369,6 +425,25 @@ def test_deterministic(backend, dtype, shape):
     _, _, args, _ = grad_problem("cuda", dtype, shape, "contiguous", seed=11)
     runs = [(be.row_lse(S, SCALE, args[1]), be.col_lse(S, SCALE, args[0]),
              be.ncl_grad_(S, SCALE, *args)) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + auto_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_outputs(backend, dtype):
+    """The written results repeat bitwise too: ncl_grad_ into a new block and in place,
+    apply_biases_, over several row slabs and column tiles."""
+    S0, _, args, _ = grad_problem("cuda", dtype, (1031, 4099), "contiguous", seed=12)
+    be = backend_for(backend, S0.device)
+    runs = []
+    for _ in range(3):
+        new, inplace, biased = torch.empty_like(S0), S0.clone(), S0.clone()
+        ds = (be.ncl_grad_(S0, SCALE, *args, out=new), be.ncl_grad_(inplace, SCALE, *args,
+                                                                   out=inplace))
+        be.apply_biases_(biased, SCALE, args[0], args[1])
+        runs.append((*ds, new, inplace, biased))
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)

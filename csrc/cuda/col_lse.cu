@@ -29,13 +29,16 @@ namespace {
 // column's sum per 4 elements (2 for float64, whose exp is long).
 template <typename Storage>
 __host__ __device__ constexpr int rows_per_step() { return sizeof(Storage) == 8 ? 2 : 4; }
-// A slab is at least this many rows: its partial states (8 bytes per column) then cost
-// well under 1% of the bytes it reads.
-constexpr int64_t kMinRowsPerSlab = 512;
+// A slab is at least this many rows: its partial states (8 bytes per column, written and
+// read back once) then cost at most about 3% of the bytes it reads.
+constexpr int64_t kMinRowsPerSlab = 256;
 constexpr int64_t kMaxSlabs = 65535;  // gridDim.y limit
-// Blocks aimed for per SM: many waves, so that the last, partial one costs little
-// (blocks of equal work run in waves; the kernel fits about 4 blocks per SM).
-constexpr int kBlocksPerSm = 32;
+// The blocks of a launch (all of equal work) run in waves of stream_min_blocks (4 per SM
+// on aligned rows in float accumulation); a launch of at most kMaxWaves waves (it bounds
+// the workspace, 2 * slabs * m values) is sized so that its last wave is as full as it can
+// be.
+constexpr int kBlocksPerSm = 4;
+constexpr int kMaxWaves = 4;
 
 template <typename Storage>
 __host__ __device__ constexpr int tile_cols() { return 32 * Vec<Storage>::kN; }
@@ -138,12 +141,23 @@ template <typename Storage>
 int64_t slabs_for(int64_t n, int64_t m, int sm_count) {
   if (n <= 0 || m <= 0) return 1;
   const int64_t tiles = ceil_div(m, tile_cols<Storage>());
-  const int64_t target = int64_t(sm_count > 0 ? sm_count : 1) * kBlocksPerSm;
-  int64_t slabs = ceil_div(target, tiles);
-  const int64_t most = ceil_div(n, kMinRowsPerSlab);
-  if (slabs > most) slabs = most;
-  if (slabs > kMaxSlabs) slabs = kMaxSlabs;
-  return slabs < 1 ? 1 : slabs;
+  const int64_t slots = int64_t(sm_count > 0 ? sm_count : 1) * kBlocksPerSm;
+  int64_t most = slots * kMaxWaves / tiles;
+  const int64_t by_rows = ceil_div(n, kMinRowsPerSlab);
+  if (most > by_rows) most = by_rows;
+  if (most > kMaxSlabs) most = kMaxSlabs;
+  // the slab count whose last wave is fullest (waves / ceil(waves)); more slabs on a tie
+  int64_t best = 1;
+  double best_use = 0.0;
+  for (int64_t slabs = 1; slabs <= most; ++slabs) {
+    const int64_t blocks = tiles * slabs;
+    const double use = double(blocks) / double(ceil_div(blocks, slots) * slots);
+    if (use >= best_use) {
+      best = slabs;
+      best_use = use;
+    }
+  }
+  return best;
 }
 
 template <typename Storage, typename Acc>

@@ -45,6 +45,24 @@ inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block
 #endif
 }
 
+// The multiprocessor count of the current device, for launchers that size a persistent
+// grid by it (a host query that does not synchronize); 132 (an H200) where it cannot be
+// read. The host emulation reports ncl_emu::sm_count() instead.
+inline int current_sm_count() {
+#ifdef NCL_HOST_EMULATION
+  return ncl_emu::sm_count();
+#else
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      sms < 1) {
+    (void)cudaGetLastError();  // not this launcher's error to report
+    return 132;
+  }
+  return sms;
+#endif
+}
+
 // The launch ladder, written once: with_flags(fn, b0, b1, ...) calls
 // fn(std::integral_constant<bool, b0>{}, ...), so a launcher picks its kernel variant with
 // `decltype(flag)::value` as a template argument instead of a nest of if/else.

@@ -61,6 +61,15 @@ inline State& state() {
   return s;
 }
 
+// The device's multiprocessor count as the launchers see it (device_utils.cuh,
+// current_sm_count): NCL_EMU_SMS, 2 by default, so that persistent grids are small and
+// each block of a test takes several work units.
+inline int sm_count() {
+  const char* v = std::getenv("NCL_EMU_SMS");
+  const int n = v ? std::atoi(v) : 2;
+  return n > 0 ? n : 2;
+}
+
 // ---------------------------------------------------------------- ex2.approx.ftz.f32
 // The device instruction's documented behaviour: 2^x within 2 ulp (the CUDA math
 // library's bound for exp2f, which is built from it), subnormal inputs and results
