@@ -18,10 +18,12 @@
 // 0), no branch per element. l + g_j and l + f_i are rounded as row_lse and col_lse
 // rounded them, so a softmax that must be exactly 1 is exactly 1.
 //
-// The sum is deterministic: the units a block takes depend on the grid size only, each
-// thread accumulates its elements in a fixed order, each block reduces its threads in a
-// fixed tree (one partial per block, in a workspace sized by ncl_grad_blocks), and one
-// final block adds the partials in block order. No atomics.
+// The sum is deterministic: the units a block takes depend on the grid size only (so the
+// bits repeat on a device, and on any device with as many SMs), each thread accumulates
+// its elements in a fixed order, each block reduces its threads in a fixed tree (one
+// partial per block, in a workspace sized by ncl_grad_blocks), and one final block adds
+// the partials in block order. No atomics. The gradient itself is element-wise: its bits
+// do not depend on the grid at all.
 #include <cstdint>
 
 #include <cuda_runtime.h>
