@@ -14,8 +14,6 @@ namespace ncl {
 namespace cuda {
 namespace {
 
-constexpr int64_t kMaxBlocks = 1 << 16;
-
 template <typename Storage, typename Acc, int WARPS_PER_GROUP, bool VEC, bool GVEC>
 __global__ void __launch_bounds__(kThreads, stream_min_blocks<Storage, VEC>())
 apply_biases_kernel(Storage* __restrict__ S, int64_t n, int64_t m, int64_t row_stride,
@@ -77,22 +75,12 @@ cudaError_t launch(void* S, int64_t n, int64_t m, int64_t row_stride, double sca
   Storage* s = static_cast<Storage*>(S);
   const Acc* fp = static_cast<const Acc*>(f);
   const Acc* gp = static_cast<const Acc*>(g);
-  const RowGrid rg = row_grid<Storage>(n, m, kMaxBlocks);
-  // VEC: 16-byte chunks of S; GVEC (VEC rows only): 16-byte chunks of g too
-  const bool rows_vec = rows_aligned16<Storage>(S, row_stride);
-  const bool g_vec = rows_vec && (g == nullptr || aligned16(g));
-  return with_flags(
-      [&](auto block_per_row, auto vec, auto gvec) {
-        constexpr bool V = decltype(vec)::value, GV = decltype(gvec)::value;
-        if constexpr (GV && !V) {
-          return cudaErrorInvalidValue;  // never chosen (g_vec implies rows_vec)
-        } else {
-          return launch_kernel(
-              apply_biases_kernel<Storage, Acc, decltype(block_per_row)::value ? kWarps : 1, V, GV>,
-              dim3(rg.blocks), dim3(kThreads), stream, s, n, m, row_stride, Acc(scale), fp, gp);
-        }
+  return launch_rows<Storage>(
+      [](auto wpg, auto vec, auto gvec) {
+        return apply_biases_kernel<Storage, Acc, decltype(wpg)::value, decltype(vec)::value,
+                                   decltype(gvec)::value>;
       },
-      rg.block_per_row, rows_vec, g_vec);
+      S, n, m, row_stride, g, stream, s, n, m, row_stride, Acc(scale), fp, gp);
 }
 
 }  // namespace

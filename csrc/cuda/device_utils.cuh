@@ -193,23 +193,21 @@ __device__ __forceinline__ void from_acc(const Acc (&x)[Vec<Storage>::kN], Vec<S
   for (int k = 0; k < Vec<Storage>::kN; ++k) v.e[k] = store_as<Storage>(x[k]);
 }
 #ifndef NCL_HOST_EMULATION
-__device__ __forceinline__ void from_acc(const float (&x)[8], Vec<bf16_t>& v) {
+template <typename Storage, typename Cvt>
+__device__ __forceinline__ void pack_pairs(const float (&x)[8], Vec<Storage>& v, Cvt cvt) {
   uint32_t w[4];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * q], x[2 * q + 1]);
+    const auto h = cvt(x[2 * q], x[2 * q + 1]);
     memcpy(&w[q], &h, 4);
   }
   v.raw = make_uint4(w[0], w[1], w[2], w[3]);
 }
+__device__ __forceinline__ void from_acc(const float (&x)[8], Vec<bf16_t>& v) {
+  pack_pairs(x, v, [](float a, float b) { return __floats2bfloat162_rn(a, b); });
+}
 __device__ __forceinline__ void from_acc(const float (&x)[8], Vec<f16_t>& v) {
-  uint32_t w[4];
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-    const __half2 h = __floats2half2_rn(x[2 * q], x[2 * q + 1]);
-    memcpy(&w[q], &h, 4);
-  }
-  v.raw = make_uint4(w[0], w[1], w[2], w[3]);
+  pack_pairs(x, v, [](float a, float b) { return __floats2half2_rn(a, b); });
 }
 #endif
 
@@ -361,6 +359,32 @@ inline RowGrid row_grid(int64_t n, int64_t m, int64_t max_blocks) {
   if (blocks > max_blocks) blocks = max_blocks;
   if (blocks < 1) blocks = 1;
   return {bpr, unsigned(blocks)};
+}
+
+// The launch of a row-wise kernel (row_lse, apply_biases), written once: the group shape
+// from row_grid, and the chunk layout from the alignment of S's rows (VEC) and of g
+// (GVEC, only with VEC). kernel_for(wpg, vec, gvec), given them as integral constants,
+// names the kernel instantiation; args are the kernel's arguments. The grid is capped at
+// kRowMaxBlocks (the kernels stride over further rows; far below the gridDim.x limit).
+constexpr int64_t kRowMaxBlocks = 1 << 16;
+template <typename Storage, typename KernelFor, typename... Args>
+inline cudaError_t launch_rows(KernelFor kernel_for, const void* S, int64_t n, int64_t m,
+                               int64_t row_stride, const void* g, cudaStream_t stream,
+                               Args... args) {
+  const RowGrid rg = row_grid<Storage>(n, m, kRowMaxBlocks);
+  const bool rows_vec = rows_aligned16<Storage>(S, row_stride);
+  const bool g_vec = rows_vec && (g == nullptr || aligned16(g));
+  return with_flags(
+      [&](auto block_per_row, auto vec, auto gvec) {
+        if constexpr (decltype(gvec)::value && !decltype(vec)::value) {
+          return cudaErrorInvalidValue;  // never chosen (g_vec implies rows_vec)
+        } else {
+          constexpr int kWpg = decltype(block_per_row)::value ? kWarps : 1;
+          return launch_kernel(kernel_for(std::integral_constant<int, kWpg>{}, vec, gvec),
+                               dim3(rg.blocks), dim3(kThreads), stream, args...);
+        }
+      },
+      rg.block_per_row, rows_vec, g_vec);
 }
 
 // ---------------------------------------------------------------- reductions

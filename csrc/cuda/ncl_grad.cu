@@ -41,8 +41,15 @@ namespace {
 // loads in flight per SM. (4 rows in 3 blocks spills; 3 rows in 3 blocks holds 36 KB.)
 // The element-wise path of misaligned rows (an address and a bound per element) and
 // float64 (a long exp) take 2 rows, which they fit without spilling.
+// (sm_80's code for 6 rows spills a few bytes: it takes 4.)
 template <typename Storage, bool VEC>
-__host__ __device__ constexpr int rows_per_step() { return VEC && sizeof(Storage) < 8 ? 6 : 2; }
+__host__ __device__ constexpr int rows_per_step() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return VEC && sizeof(Storage) < 8 ? 4 : 2;
+#else
+  return VEC && sizeof(Storage) < 8 ? 6 : 2;
+#endif
+}
 constexpr int kMinBlocks = 2;
 // Rows per unit: enough for the column values a unit loads to be negligible, and a
 // multiple of the 48 rows of a block's step.

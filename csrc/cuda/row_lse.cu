@@ -19,10 +19,6 @@ namespace ncl {
 namespace cuda {
 namespace {
 
-// Grid cap; more rows are covered by the grid-stride loop (also far below the 2^31 - 1
-// gridDim.x limit for any int64 n).
-constexpr int64_t kMaxBlocks = 1 << 16;
-
 // WARPS_PER_GROUP: 1 (a warp per group of rows, kWarps groups per block) or kWarps (a
 // block per group). VEC: rows are 16-byte aligned (base pointer and row stride). GVEC: so
 // is g (or it is null), read in 16-byte chunks too.
@@ -104,22 +100,12 @@ cudaError_t launch(const void* S, int64_t n, int64_t m, int64_t row_stride, doub
   const Storage* s = static_cast<const Storage*>(S);
   const Acc* gp = static_cast<const Acc*>(g);
   Acc* o = static_cast<Acc*>(out);
-  const RowGrid rg = row_grid<Storage>(n, m, kMaxBlocks);
-  // VEC: 16-byte chunks of S; GVEC (VEC rows only): 16-byte chunks of g too
-  const bool rows_vec = rows_aligned16<Storage>(S, row_stride);
-  const bool g_vec = rows_vec && (g == nullptr || aligned16(g));
-  return with_flags(
-      [&](auto block_per_row, auto vec, auto gvec) {
-        constexpr bool V = decltype(vec)::value, GV = decltype(gvec)::value;
-        if constexpr (GV && !V) {
-          return cudaErrorInvalidValue;  // never chosen (g_vec implies rows_vec)
-        } else {
-          return launch_kernel(
-              row_lse_kernel<Storage, Acc, decltype(block_per_row)::value ? kWarps : 1, V, GV>,
-              dim3(rg.blocks), dim3(kThreads), stream, s, n, m, row_stride, Acc(scale), gp, o);
-        }
+  return launch_rows<Storage>(
+      [](auto wpg, auto vec, auto gvec) {
+        return row_lse_kernel<Storage, Acc, decltype(wpg)::value, decltype(vec)::value,
+                              decltype(gvec)::value>;
       },
-      rg.block_per_row, rows_vec, g_vec);
+      S, n, m, row_stride, g, stream, s, n, m, row_stride, Acc(scale), gp, o);
 }
 
 }  // namespace
