@@ -9,8 +9,11 @@
 #
 # The case is small on purpose (instrumented kernels run 10-100x slower) but takes every
 # code path: each storage dtype; aligned rows (16-byte vectors) and misaligned views
-# (scalar paths); rows shorter and longer than 4096 (warp / block per row); col_lse with one
-# and with many row slabs; ncl_grad_ without output, in place and into a strided block.
+# (scalar paths); rows shorter and longer than 4096 (warp / block per row), rows of whole
+# segments (no ragged step) and row counts that are not a multiple of 4 (a partial group);
+# col_lse with one and with many row slabs; ncl_grad_ without output, in place and into a
+# strided block, over several row slabs and column tiles with targets in all of them; a
+# misaligned g (element-wise g loads beside 16-byte S loads).
 # Every result is also compared with the PyTorch backend on the same GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,7 +60,7 @@ def check(a, b, what, tol):
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     acc = acc_of.get(dtype, torch.float32)
     tol = 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
-    for n, m in ((7, 45), (300, 7), (3, 4099)):
+    for n, m in ((7, 45), (300, 7), (3, 4099), (5, 256), (900, 67), (1100, 300)):
         for off, pad in ((0, 8), (1, 13)):  # aligned rows; misaligned base and row stride
             wide = (torch.randn(n, m + pad, device=dev, generator=gen) * 0.3).to(dtype)
             S = wide[:, off:off + m]
@@ -66,9 +69,12 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             g = torch.randn(m, device=dev, generator=gen).to(acc)
             check(cu.row_lse(S, 3.0, g), tb.row_lse(S, 3.0, g), "row_lse", tol)
             check(cu.col_lse(S, 3.0, f), tb.col_lse(S, 3.0, f), "col_lse", tol)
+            g_mis = torch.empty(m + 1, dtype=acc, device=dev)[1:]  # not 16-byte aligned
+            g_mis.copy_(g)
+            check(cu.row_lse(S, 3.0, g_mis), tb.row_lse(S, 3.0, g), "row_lse (misaligned g)", tol)
             lr, lc = tb.row_lse(S, 3.0, g), tb.col_lse(S, 3.0, f)
-            y = torch.arange(n, device=dev).clamp(max=m - 1)
-            z = torch.arange(m, device=dev).clamp(max=n - 1)
+            y = torch.randint(0, m, (n,), device=dev, generator=gen)  # targets anywhere
+            z = torch.randint(0, n, (m,), device=dev, generator=gen)
             cr = torch.full((n,), 0.5 / n, dtype=acc, device=dev)
             cc = torch.full((m,), 0.5 / m, dtype=acc, device=dev)
             args = (f, g, lr, lc, cr, cc, y, z)
@@ -84,6 +90,8 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             A, B = S.clone(), S.clone()
             check(cu.apply_biases_(A, 3.0, f, g), tb.apply_biases_(B, 3.0, f, g),
                   "apply_biases_", tol)
+            A = S.clone()
+            check(cu.apply_biases_(A, 3.0, f, g_mis), B, "apply_biases_ (misaligned g)", tol)
 torch.cuda.synchronize()
 print("case ok")
 PY

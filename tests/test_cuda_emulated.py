@@ -140,6 +140,30 @@ def test_ncl_grad(emu, dtype, shape, layout):
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_ncl_grad_row_offset(emu, dtype):
     gpu.check_ncl_grad_row_offset(emu, "cpu", dtype)
+    # chunks that span several row slabs of the kernel, targets anywhere
+    gpu.check_ncl_grad_row_offset(emu, "cpu", dtype, (900, 67), targets="random")
+
+
+# ncl_grad over several row slabs (384 rows or more each) and column tiles, with targets
+# in all of them (the kernel maps z_j to a row of its slab and y_i to a lane's column)
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("shape", [(900, 67), (450, 1031)])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_ncl_grad_targets_in_every_slab_and_tile(emu, dtype, shape, layout):
+    for mode in ("new", "inplace"):
+        gpu.check_ncl_grad(emu, "cpu", dtype, shape, layout, mode, targets="random")
+
+
+# rows that are whole multiples of every segment (no ragged last step: 256 columns, a warp
+# per row; 4096, a block per row), in the vector and the element-wise layouts
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("shape", [(5, 256), (2, 4096)])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_rows_of_whole_segments(emu, dtype, shape, layout):
+    gpu.check_row_lse(emu, "cpu", dtype, shape, layout, True)
+    gpu.check_col_lse(emu, "cpu", dtype, shape, layout, True)
+    gpu.check_ncl_grad(emu, "cpu", dtype, shape, layout, "new")
+    gpu.check_apply_biases(emu, "cpu", dtype, shape, layout, "fg")
 
 
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
@@ -199,6 +223,55 @@ def _sinkhorn_and_loss_match_the_oracle(dtype):
     (l64, g64), (l32, g32) = oracle_loss_refs(S0, 12.0, dtype)
     gpu.assert_close(loss.detach(), l64, l32, dtype, "loss")
     gpu.assert_close(S.grad, g64, g32, dtype, "dS")
+
+
+# ---------------------------------------------------------------- the approximate exp
+# The kernels' exp for float accumulation is the SFU's ex2.approx.ftz.f32 (device_utils.cuh,
+# fast_exp), documented to 2 ulp. host_emulation.h models it at that bound: always +2 ulp,
+# always -2 ulp, a fixed mix of -2..+2, or correctly rounded (NCL_EMU_EX2). Every result
+# must stay within docs/math.md section 5 whichever way the instruction errs (the correctly
+# rounded exp lies between the two biases).
+EX2_MODES = ["up", "down", "hash"]
+
+
+def _sinkhorn_on(emu, monkeypatch, S, scale, n_iters):
+    parts = {"cuda": emu, "torch": TorchBackend()}
+    use_as_auto(monkeypatch, AutoBackend(("cuda",), parts.__getitem__))
+    return nk.sinkhorn(S, scale, n_iters=n_iters, tol=None)
+
+
+@pytest.mark.parametrize("mode", EX2_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_approximate_exp_stays_within_the_bounds(emu, monkeypatch, mode, dtype):
+    monkeypatch.setenv("NCL_EMU_EX2", mode)
+    # long rows (a block per row, 4099 terms per sum); tall blocks (col_lse over slabs)
+    for shape in ((3, 4099), (2000, 45)):
+        gpu.check_row_lse(emu, "cpu", dtype, shape, "contiguous", True)
+        gpu.check_col_lse(emu, "cpu", dtype, shape, "contiguous", True)
+        gpu.check_ncl_grad(emu, "cpu", dtype, shape, "aligned", "new")
+    S = gpu.random_scores(300, 200, dtype, seed=9)
+    out = _sinkhorn_on(emu, monkeypatch, S, 20.0, 20)
+    r64 = ref.sinkhorn(S, 20.0, n_iters=20, tol=None)
+    r32 = ref.sinkhorn(S, 20.0, n_iters=20, tol=None, dtype=torch.float32)
+    gpu.assert_close(out.f, r64.f, r32.f, dtype, "f")
+    gpu.assert_close(out.g, r64.g, r32.g, dtype, "g")
+
+
+def test_approximate_exp_model_is_in_effect(emu, monkeypatch):
+    """The bias modes move the sums the way they say (so the bound tests test something),
+    and a softmax of one finite logit stays exactly 1 (ex2(0) = 1 in every mode)."""
+    S, _ = gpu.scores_on("cpu", 67, 1031, torch.float32, seed=2)
+    lse = {}
+    for mode in ("down", "exact", "up"):
+        monkeypatch.setenv("NCL_EMU_EX2", mode)
+        lse[mode] = emu.row_lse(S, gpu.SCALE)
+        single = torch.tensor([[0.3, float("-inf")]])
+        assert float(emu.row_lse(single, gpu.SCALE)) == float(torch.tensor(0.3) * gpu.SCALE)
+    # (a shift of about 2^-22 can round away in an LSE near 9, hence <= and any)
+    assert (lse["down"] <= lse["exact"]).all() and (lse["exact"] <= lse["up"]).all()
+    assert (lse["down"] < lse["up"]).sum() > 10
+    # 2 ulp per term moves an LSE by at most about 2 * 2^-22 (+ the rounding of the LSE)
+    assert float((lse["up"] - lse["down"]).abs().max()) < 2 * 2.0**-22 + 2e-6
 
 
 def test_col_lse_many_slabs_matches_one_slab(emu):

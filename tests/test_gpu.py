@@ -131,19 +131,34 @@ def check_col_lse(backend, device, dtype, shape, layout, with_bias):
                  ref.col_lse(S.cpu(), SCALE, fc, dtype=torch.float32), dtype, "col_lse")
 
 
-def grad_problem(device, dtype, shape, layout, seed=0):
-    """Scores and every ncl_grad_ argument, plus the float64 and float32 references."""
+def grad_problem(device, dtype, shape, layout, seed=0, targets="default"):
+    """Scores and every ncl_grad_ argument, plus the float64 and float32 references.
+
+    targets: "default" (y_i = i, z_j = j below min(n, m)) or "random" (anywhere in the
+    block, so that they fall in every row slab and column tile of a kernel); either way
+    about a third of the rows and a quarter of the columns have none, and no target entry
+    is masked.
+    """
     n, m = shape
     acc = acc_dtype(dtype)
     S, wide = scores_on(device, n, m, dtype, seed=seed, layout=layout, mask="scattered")
     f, g = vector(n, acc, device, 3, 1.0), vector(m, acc, device, 4, 1.0)
-    y, z = ref.default_targets(n, m)
+    if targets == "default":
+        y, z = ref.default_targets(n, m)
+    else:
+        gen = torch.Generator().manual_seed(seed + 1)
+        y, z = torch.randint(0, m, (n,), generator=gen), torch.randint(0, n, (m,), generator=gen)
     y[::3] = -1  # rows and columns without a loss term (a third of them)
     z[1::4] = -1
     if (y >= 0).sum() == 0:
         y[0] = 0
     if (z >= 0).sum() == 0:
         z[0] = 0
+    if targets != "default":  # the default targets are never masked (scores_on)
+        rows, cols = torch.arange(n)[y >= 0], y[y >= 0]
+        S[rows.to(device), cols.to(device)] = 0.25
+        rows, cols = z[z >= 0], torch.arange(m)[z >= 0]
+        S[rows.to(device), cols.to(device)] = -0.25
     weights = (0.3, 0.7)
     coef_row = (weights[0] / int((y >= 0).sum())) * (y >= 0).to(acc)
     coef_col = (weights[1] / int((z >= 0).sum())) * (z >= 0).to(acc)
@@ -163,8 +178,8 @@ def grad_problem(device, dtype, shape, layout, seed=0):
     return S, wide, args, refs
 
 
-def check_ncl_grad(backend, device, dtype, shape, layout, mode):
-    S, wide, args, refs = grad_problem(device, dtype, shape, layout)
+def check_ncl_grad(backend, device, dtype, shape, layout, mode, targets="default"):
+    S, wide, args, refs = grad_problem(device, dtype, shape, layout, targets=targets)
     (out64, ds64), (out32, ds32) = refs[torch.float64], refs[torch.float32]
     be = backend_for(backend, S.device)
     wide_before = wide.clone()
@@ -195,15 +210,17 @@ def check_ncl_grad(backend, device, dtype, shape, layout, mode):
         assert (base[:, :3] == 9.0).all() and (base[:, 3 + shape[1]:] == 9.0).all()
 
 
-def check_ncl_grad_row_offset(backend, device, dtype):
-    """A chunk of rows with row_offset gives the same rows as the whole block."""
-    S, _, args, _ = grad_problem(device, dtype, (67, 45), "contiguous", seed=5)
+def check_ncl_grad_row_offset(backend, device, dtype, shape=(67, 45), targets="default"):
+    """Chunks of rows with row_offset give the same rows as the whole block."""
+    S, _, args, _ = grad_problem(device, dtype, shape, "contiguous", seed=5, targets=targets)
     f, g, lse_row, lse_col, coef_row, coef_col, y, z = args
     be = backend_for(backend, S.device)
     whole = torch.empty_like(S)
     ds_whole = be.ncl_grad_(S, SCALE, *args, out=whole)
     ds_parts = 0.0
-    for a, b in ((0, 20), (20, 45), (45, 67)):
+    n = shape[0]
+    cuts = [0, n * 3 // 10, n * 2 // 3, n]
+    for a, b in zip(cuts[:-1], cuts[1:]):
         part = torch.empty_like(S[a:b])
         ds_parts += float(be.ncl_grad_(S[a:b], SCALE, f[a:b], g, lse_row[a:b], lse_col,
                                        coef_row[a:b], coef_col, y[a:b], z, out=part,
@@ -296,6 +313,62 @@ def test_ncl_grad(backend, dtype, shape, layout, mode):
 @pytest.mark.parametrize("dtype", STORAGE_DTYPES)
 def test_ncl_grad_row_offset(backend, dtype):
     check_ncl_grad_row_offset(backend, "cuda", dtype)
+    check_ncl_grad_row_offset(backend, "cuda", dtype, (900, 67), targets="random")
+
+
+# The gradient over several row slabs and column tiles of the cuda kernel (at least 384
+# rows per slab, 64-256 columns per tile) with targets in all of them.
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("shape", [(900, 67), (1031, 4099)])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_ncl_grad_targets_in_every_slab_and_tile(backend, dtype, shape, layout):
+    for mode in ("new", "inplace"):
+        check_ncl_grad(backend, "cuda", dtype, shape, layout, mode, targets="random")
+
+
+# Rows that are whole multiples of every segment of the row kernels (no ragged step).
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+@pytest.mark.parametrize("shape", [(5, 256), (2, 4096), (40, 8192)])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned"])
+def test_rows_of_whole_segments(backend, dtype, shape, layout):
+    check_row_lse(backend, "cuda", dtype, shape, layout, True)
+    check_col_lse(backend, "cuda", dtype, shape, layout, True)
+    check_ncl_grad(backend, "cuda", dtype, shape, layout, "new")
+    check_apply_biases(backend, "cuda", dtype, shape, layout, "fg")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_long_rows_with_the_device_exp(backend, dtype):
+    """The device's approximate exp (ex2.approx) over 32768-term sums and a 4096 x 32768
+    gradient, against the float64 oracle evaluated on the GPU (docs/math.md section 5)."""
+    n, m = 4096, 32768
+    S, _ = scores_on("cuda", n, m, dtype, seed=21, mask="scattered")
+    be = backend_for(backend, S.device)
+    acc = acc_dtype(dtype)
+    f, g = vector(n, acc, "cuda", 22, 1.0), vector(m, acc, "cuda", 23, 1.0)
+    for got, fn, bias in ((be.row_lse(S, SCALE, g), ref.row_lse, g),
+                          (be.col_lse(S, SCALE, f), ref.col_lse, f)):
+        assert_close(got, fn(S, SCALE, bias), fn(S, SCALE, bias, dtype=torch.float32), dtype,
+                     fn.__name__)
+    y, z = ref.default_targets(n, m, device=S.device)
+    coef_row = torch.full((n,), 0.5 / n, dtype=acc, device="cuda")
+    coef_col = (0.5 / n) * (z >= 0).to(acc)
+    lse_row = ref.row_lse(S, SCALE, g, dtype=acc)
+    lse_col = ref.col_lse(S, SCALE, f, dtype=acc)
+    out = torch.empty_like(S)
+    ds = be.ncl_grad_(S, SCALE, f, g, lse_row, lse_col, coef_row, coef_col, y, z, out=out)
+    for rd in (torch.float64, torch.float32):
+        G = ref.ncl_grad(S, SCALE, f, g, y, z, dtype=rd)
+        Sr = S.to(rd)
+        if rd == torch.float64:
+            G64, ds64 = SCALE * G, (G * Sr.masked_fill(Sr == NEG_INF, 0.0)).sum()
+        else:
+            G32, ds32 = SCALE * G, (G * Sr.masked_fill(Sr == NEG_INF, 0.0)).sum()
+    assert_close(out, G64, low_precision_view(G32, dtype), dtype, "scale * G")
+    assert_close(ds, ds64, ds32, dtype, "dscale sum")
 
 
 @pytest.mark.matrix
@@ -352,6 +425,25 @@ def test_deterministic(backend, dtype, shape):
     _, _, args, _ = grad_problem("cuda", dtype, shape, "contiguous", seed=11)
     runs = [(be.row_lse(S, SCALE, args[1]), be.col_lse(S, SCALE, args[0]),
              be.ncl_grad_(S, SCALE, *args)) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", kernel_backends() + auto_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_outputs(backend, dtype):
+    """The written results repeat bitwise too: ncl_grad_ into a new block and in place,
+    apply_biases_, over several row slabs and column tiles."""
+    S0, _, args, _ = grad_problem("cuda", dtype, (1031, 4099), "contiguous", seed=12)
+    be = backend_for(backend, S0.device)
+    runs = []
+    for _ in range(3):
+        new, inplace, biased = torch.empty_like(S0), S0.clone(), S0.clone()
+        ds = (be.ncl_grad_(S0, SCALE, *args, out=new), be.ncl_grad_(inplace, SCALE, *args,
+                                                                   out=inplace))
+        be.apply_biases_(biased, SCALE, args[0], args[1])
+        runs.append((*ds, new, inplace, biased))
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)

@@ -12,7 +12,10 @@
 //
 // What it cannot check: timing, memory-model races between warps that the barriers do not
 // order (use compute-sanitizer racecheck on a GPU: bench/sanitize_cuda.sh), or the
-// device's own exp/log and rounding (the host's libm stands in).
+// device's own expf/logf and rounding (the host's libm stands in). The SFU's
+// ex2.approx.ftz.f32 (device_utils.cuh's fast_exp) is modelled at its documented error
+// bound instead of computed exactly: see ex2_approx_ftz. FMA contraction differs too (the
+// host build never contracts, nvcc may), which moves results by rounding only.
 #pragma once
 
 // Before the CUDA headers, which define __shared__ as nothing for a host compiler:
@@ -22,7 +25,9 @@
 
 #include <ucontext.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <stdexcept>
@@ -56,6 +61,73 @@ inline State& state() {
   return s;
 }
 
+// The device's multiprocessor count as the launchers see it (device_utils.cuh,
+// current_sm_count): NCL_EMU_SMS, 2 by default, so that persistent grids are small and
+// each block of a test takes several work units.
+inline int sm_count() {
+  const char* v = std::getenv("NCL_EMU_SMS");
+  const int n = v ? std::atoi(v) : 2;
+  return n > 0 ? n : 2;
+}
+
+// ---------------------------------------------------------------- ex2.approx.ftz.f32
+// The device instruction's documented behaviour: 2^x within 2 ulp (the CUDA math
+// library's bound for exp2f, which is built from it), subnormal inputs and results
+// flushed to zero, and the exact special cases +-0 -> 1, -inf -> +0, +inf -> +inf,
+// NaN -> NaN. The error within the bound is modelled, chosen per launch by the
+// environment variable NCL_EMU_EX2:
+//   "hash" (default)  the correctly rounded value moved by -2..+2 ulp, a fixed function
+//                     of the input's bits (errors of both signs, like a table-driven unit)
+//   "up" / "down"     always +2 / -2 ulp (the worst bias the bound allows)
+//   "exact"           correctly rounded
+enum class Ex2Mode { kHash, kUp, kDown, kExact };
+
+inline Ex2Mode& ex2_mode() {
+  static Ex2Mode mode = Ex2Mode::kHash;
+  return mode;
+}
+
+inline void read_ex2_mode() {
+  const char* v = std::getenv("NCL_EMU_EX2");
+  const std::string s = v ? v : "hash";
+  if (s == "hash") ex2_mode() = Ex2Mode::kHash;
+  else if (s == "up") ex2_mode() = Ex2Mode::kUp;
+  else if (s == "down") ex2_mode() = Ex2Mode::kDown;
+  else if (s == "exact") ex2_mode() = Ex2Mode::kExact;
+  else throw std::invalid_argument("NCL_EMU_EX2 must be hash, up, down or exact, not " + s);
+}
+
+inline float ex2_approx_ftz(float x) {
+  uint32_t xb;
+  std::memcpy(&xb, &x, sizeof xb);
+  if (std::isnan(x)) return x;
+  if ((xb & 0x7f800000u) == 0) return 1.0f;  // +-0 and (flushed) subnormals
+  if (std::isinf(x)) return x < 0 ? 0.0f : x;
+  const float r = float(std::exp2(double(x)));  // correctly rounded (but for ties)
+  if (r < 0x1p-126f) return 0.0f;                // subnormal or zero result: flushed
+  if (std::isinf(r)) return r;
+  int ulps = 0;
+  switch (ex2_mode()) {
+    case Ex2Mode::kExact: break;
+    case Ex2Mode::kUp: ulps = 2; break;
+    case Ex2Mode::kDown: ulps = -2; break;
+    case Ex2Mode::kHash: {
+      uint32_t h = xb * 0x9e3779b1u;  // a fixed mix of the input's bits
+      h ^= h >> 15;
+      h *= 0x85ebca77u;
+      h ^= h >> 13;
+      ulps = int(h % 5u) - 2;
+      break;
+    }
+  }
+  uint32_t rb;
+  std::memcpy(&rb, &r, sizeof rb);
+  rb = uint32_t(int64_t(rb) + ulps);  // r > 0: its bits are ordered like its values
+  float y;
+  std::memcpy(&y, &rb, sizeof y);
+  return y < 0x1p-126f ? 0.0f : y;
+}
+
 inline void fiber_main() {
   State& s = state();
   s.body();
@@ -74,6 +146,7 @@ inline cudaError_t launch(dim3 grid, dim3 block, std::function<void()> body) {
   if (threads < 1 || threads > 1024 || grid.x < 1 || grid.y < 1 || grid.z < 1 ||
       grid.y > 65535 || grid.z > 65535 || block.z > 64)
     return cudaErrorInvalidConfiguration;
+  read_ex2_mode();
   State& s = state();
   s.body = std::move(body);
   s.grid_dim = grid;
