@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <stdexcept>
 #include <string>
@@ -57,9 +58,8 @@ constexpr int64_t kTileRows = 32;
 // The column pass is split into at least this many tasks (when the shape allows), enough to
 // balance a few threads dynamically; a constant, so the split never depends on threads.
 constexpr int64_t kMinColTasks = 64;
-// The fused Sinkhorn step keeps a tile of rows in L2 between its row and column phases:
-// at most this many bytes of S per tile, and at most this many row groups (tasks).
-constexpr int64_t kFusedTileBytes = 192 << 10;
+// The fused Sinkhorn step splits the rows into at most this many groups (its tasks; each
+// keeps m partial column sums).
 constexpr int64_t kFusedGroups = 32;
 // Rows are handed out dynamically in chunks of this many: a thread that the OS
 // descheduled (this machine is shared) does not hold up the others at the end of a pass.
@@ -336,74 +336,162 @@ void col_lse_typed(const void* S, int64_t n, int64_t m, int64_t rs, double scale
 }
 
 // ---------------------------------------------------------------- sinkhorn_step
-// One Sinkhorn iteration with one read of S from memory: for a tile of rows (small enough
-// to stay in L2), the rows' LSE(g) and potentials f_i = log_r_i - LSE_i, then, while the
-// tile is still cached, its rows' contribution to every column's LSE(f). Row groups (the
-// tasks) depend on the shape only; their column states are merged in group order.
+// One Sinkhorn iteration with one read of S and one exponential per element. Row i is
+// held in a buffer while its logits t_ij = scale * S_ij + g_j are swept three times:
+// their max m_i, then e_ij = exp(t_ij - m_i) (in place) and s_i = sum_j e_ij, which give
+// LSE_row_i = m_i + log s_i and f_i = log r_i - LSE_row_i, then the row's share of every
+// column sum. The column pass needs no exponential of its own because
+//   exp(scale * S_ij + f_i) = e_ij * (r_i / s_i) * exp(-g_j),
+// so acc_j = sum_i w_i e_ij with w_i = r_i / s_i is the column's sum and
+// LSE_col_j = log(acc_j) - g_j, returned as the state (-g_j, acc_j).
+//
+// Where that loses accuracy, the column is done again exactly (col_lse's way):
+//   * e_ij below the normal range (t_ij < m_i - 87) carries at most denorm_min of error,
+//     so a column whose acc_j is not above (n + sum_i w_i) * denorm_min * 2^30 (a
+//     relative error of 2^-30) could be made of underflowed terms: it is flagged;
+//   * a zero-mass column (g_j = -inf) has e_ij = 0; its sum uses exp(scale * S_ij - m_i)
+//     instead (offset 0 in place of g_j), computed only for chunks that hold such a
+//     column; an overflow there (inf) is flagged too.
+// Flagged columns are recomputed by a strided online LSE when there are few of them,
+// else by a whole col_lse pass with the f just computed. Row groups (the tasks) and
+// their merge order depend on the shape only, so the result does not depend on threads.
+constexpr int64_t kMaxFixColumns = 16;
+
 template <typename St, typename A>
 void sinkhorn_step_typed(const StepArgs& a) {
+  using V = Vec<A>;
+  constexpr int W = kLanes<A>;
   const St* s = static_cast<const St*>(a.S);
   const A* g = static_cast<const A*>(a.g);
   const A* log_r = static_cast<const A*>(a.log_r);
   A* f = static_cast<A*>(a.f);
   A* lse_row = static_cast<A*>(a.lse_row);
-  const A sc = static_cast<A>(a.scale);
+  A* col_max = static_cast<A*>(a.col_max);
+  A* col_sum = static_cast<A*>(a.col_sum);
+  const A sc_s = static_cast<A>(a.scale);
   const int64_t n = a.n, m = a.m, rs = a.row_stride;
-  if (n == 0) {
-    for (int64_t j = 0; j < m; ++j) put_lse(kNegInf<A>, A(0), static_cast<A*>(a.col_max),
-                                            static_cast<A*>(a.col_sum), j);
+  if (n == 0 || m == 0) {  // every LSE is over nothing
+    for (int64_t i = 0; i < n; ++i) {
+      lse_row[i] = kNegInf<A>;
+      f[i] = log_r[i] == kNegInf<A> ? kNegInf<A> : log_r[i] - kNegInf<A>;
+    }
+    for (int64_t j = 0; j < m; ++j) put_lse(kNegInf<A>, A(0), col_max, col_sum, j);
     return;
   }
-  int64_t tile_rows = kFusedTileBytes / (m * int64_t(sizeof(St)) + 1);
-  if (tile_rows > kTileRows) tile_rows = kTileRows;
-  if (tile_rows < 1) tile_rows = 1;
-  const int64_t n_tiles = (n + tile_rows - 1) / tile_rows;
   const int64_t stride = padded<A>(m);
-  int64_t groups = n_tiles < kFusedGroups ? n_tiles : kFusedGroups;
-  // the groups' states take groups x m memory: keep that within about 32 MiB
-  const int64_t cap = (int64_t(1) << 22) / (stride + 1);
+  int64_t groups = n < kFusedGroups ? n : kFusedGroups;
+  const int64_t cap = (int64_t(1) << 22) / stride;  // groups x m partial sums: <= 16 MiB
   if (groups > cap) groups = cap;
   if (groups < 1) groups = 1;
-  const int64_t tiles_per_group = (n_tiles + groups - 1) / groups;
-  groups = (n_tiles + tiles_per_group - 1) / tiles_per_group;
+  const int64_t rows_per_group = (n + groups - 1) / groups;
+  groups = (n + rows_per_group - 1) / rows_per_group;
 
   const int nt = threads_for(a.n_threads, n * m);
-  A* part_m = scratch<A>(groups * stride);
-  A* part_s = scratch<A>(groups * stride);
-  A* tiles = scratch<A>(int64_t(nt) * kTileRows * kColBlock);
-  init_states(part_m, part_s, groups * stride);
+  // all scratch is allocated here: an exception must not escape a parallel region
+  A* gz = scratch<A>(stride);       // g, 0 past m
+  A* offset = scratch<A>(stride);   // g_j, or 0 for a zero-mass column
+  unsigned char* zm_chunk = scratch<unsigned char>(stride / W);
+  unsigned char* flagged = scratch<unsigned char>(m);
+  A* acc = scratch<A>(groups * stride);
+  A* wsum = scratch<A>(groups);
+  A* bufs = scratch<A>(int64_t(nt) * stride);
+  bool any_zero_mass = false;
+  for (int64_t j = 0; j < stride; ++j) {
+    const bool zm = j < m && g[j] == kNegInf<A>;
+    gz[j] = j < m ? g[j] : A(0);
+    offset[j] = j < m && !zm ? g[j] : A(0);
+    if (j % W == 0) zm_chunk[j / W] = 0;
+    if (zm) zm_chunk[j / W] = 1;
+    any_zero_mass = any_zero_mass || zm;
+  }
+  for (int64_t k = 0; k < groups * stride; ++k) acc[k] = A(0);
+  int64_t n_flagged = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    A* tile = tiles + int64_t(thread_id()) * kTileRows * kColBlock;
-    alignas(64) A buf[kBlock + 16];
+    A* buf = bufs + int64_t(thread_id()) * stride;
+    const V sc = set1(sc_s), ninf = set1(kNegInf<A>);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t grp = 0; grp < groups; ++grp) {
-      const int64_t t0 = grp * tiles_per_group;
-      const int64_t t1 = t0 + tiles_per_group < n_tiles ? t0 + tiles_per_group : n_tiles;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t i0 = t * tile_rows;
-        const int64_t rows = n - i0 < tile_rows ? n - i0 : tile_rows;
-        for (int64_t i = i0; i < i0 + rows; ++i) {
-          const LseState<A> st = row_lse_one(s + i * rs, m, sc, g, buf);
-          const A lse = st.finish();
+      A* ag = acc + grp * stride;
+      A w_total = A(0);
+      const int64_t i1 = (grp + 1) * rows_per_group < n ? (grp + 1) * rows_per_group : n;
+      for (int64_t i = grp * rows_per_group; i < i1; ++i) {
+        const St* row = s + i * rs;
+        const A mx = logits_max(row, m, sc_s, gz, A(0), buf);
+        if (i + 1 < i1) prefetch(row + rs, m);  // compute-bound from here: fetch the next row
+        if (mx == kNegInf<A>) {  // no finite logit: LSE -inf (NaN if there is a NaN)
+          const A lse = block_has_nan(buf, m) ? A(NAN) : kNegInf<A>;
           lse_row[i] = lse;
-          // zero mass (log r = -inf) removes the row: f = -inf, never (-inf) - (-inf)
           f[i] = log_r[i] == kNegInf<A> ? kNegInf<A> : log_r[i] - lse;
+          continue;  // adds nothing to any column (an infeasible row if r_i > 0)
         }
-        for (int64_t j0 = 0; j0 < m; j0 += kColBlock) {
-          const int64_t len = m - j0 < kColBlock ? m - j0 : kColBlock;
-          col_tile(s, rs, i0, rows, j0, len, sc, static_cast<const A*>(f),
-                   part_m + grp * stride + j0, part_s + grp * stride + j0, tile,
-                   static_cast<const St*>(nullptr), 0);
+        const V shift = set1(mx);
+        V sv = set1(A(0));
+        for (int64_t k = 0; k < stride; k += W) {
+          const V e = vexp(sub(loadu(buf + k), shift));
+          storeu(buf + k, e);
+          sv = add(sv, e);
+        }
+        const A s_i = hsum(sv);
+        const A lse = mx + std::log(s_i);
+        lse_row[i] = lse;
+        f[i] = log_r[i] == kNegInf<A> ? kNegInf<A> : log_r[i] - lse;
+        // w_i = r_i / s_i (0 for zero mass; NaN propagates)
+        const A w_s = log_r[i] == kNegInf<A> ? A(0) : A(std::exp(double(log_r[i])) / double(s_i));
+        w_total += w_s;
+        const V w = set1(w_s);
+        for (int64_t k = 0; k < stride; k += W) {
+          V e = loadu(buf + k);
+          if (any_zero_mass && zm_chunk[k / W]) {
+            const int64_t n_in = m - k < W ? m - k : W;
+            const V l = mul(sc, n_in == W ? load_acc(row + k) : load_acc_n(row + k, n_in));
+            e = select(eq(loadu(gz + k), ninf), vexp(sub(l, shift)), e);
+          }
+          storeu(ag + k, fmadd(w, e, loadu(ag + k)));
+        }
+      }
+      wsum[grp] = w_total;
+    }
+    // sum_i w_i, in group order; then each column's groups, in group order
+    A w_all = A(0);
+    for (int64_t grp = 0; grp < groups; ++grp) w_all += wsum[grp];
+    const A bound = (A(n) + w_all) * std::numeric_limits<A>::denorm_min() * A(1 << 30);
+#pragma omp for schedule(static) reduction(+ : n_flagged)
+    for (int64_t j = 0; j < m; ++j) {
+      A total = A(0);
+      for (int64_t grp = 0; grp < groups; ++grp) total += acc[grp * stride + j];
+      const bool bad = !(total > bound) || total == A(INFINITY);  // NaN is bad too
+      flagged[j] = bad;
+      n_flagged += bad;
+      if (!bad) {
+        if (col_sum) {
+          col_max[j] = -offset[j];
+          col_sum[j] = total;
+        } else {
+          col_max[j] = std::log(total) - offset[j];
         }
       }
     }
-    merge_groups(part_m, part_s, groups, stride, m, static_cast<A*>(a.col_max),
-                 static_cast<A*>(a.col_sum));
   }
-  std::free(part_m);
-  std::free(part_s);
-  std::free(tiles);
+  if (n_flagged > kMaxFixColumns) {
+    col_lse_typed<St, A>(a.S, n, m, rs, a.scale, f, col_max, col_sum, a.n_threads);
+  } else if (n_flagged > 0) {
+    for (int64_t j = 0; j < m; ++j) {
+      if (!flagged[j]) continue;
+      LseState<A> st;
+      for (int64_t i = 0; i < n; ++i) {
+        st.push(sc_s * to_float(s[i * rs + j]) + f[i]);  // a NaN propagates
+      }
+      put_lse(st.m, st.s, col_max, col_sum, j);
+    }
+  }
+  std::free(gz);
+  std::free(offset);
+  std::free(zm_chunk);
+  std::free(flagged);
+  std::free(acc);
+  std::free(wsum);
+  std::free(bufs);
 }
 
 // ---------------------------------------------------------------- ncl_grad
