@@ -153,7 +153,8 @@ inline A sum_exp(const A* x, int64_t len, A shift) {
   using V = Vec<A>;
   const V sh = set1(shift);
   V s = set1(A(0));
-  for (int64_t k = 0; k < padded<A>(len); k += kLanes<A>) s = add(s, vexp(sub(loadu(x + k), sh)));
+  for (int64_t k = 0; k < padded<A>(len); k += kLanes<A>)
+    s = add(s, vexp_le0(sub(loadu(x + k), sh)));
   return hsum(s);
 }
 
@@ -243,7 +244,7 @@ void col_tile(const St* S, int64_t rs, int64_t i0, int64_t rows, int64_t j0, int
     const V mn = max_(tm, mo);
     // (-inf) - (-inf) must not count: a column still all -inf keeps sum 0
     const auto empty = eq(mn, ninf);
-    storeu(run_s + k, mul(loadu(run_s + k), select(empty, zero, vexp(sub(mo, mn)))));
+    storeu(run_s + k, mul(loadu(run_s + k), select(empty, zero, vexp_le0(sub(mo, mn)))));
     storeu(run_m + k, mn);
     storeu(shift + k, select(empty, zero, mn));
   }
@@ -252,7 +253,7 @@ void col_tile(const St* S, int64_t rs, int64_t i0, int64_t rows, int64_t j0, int
     if (next && r < next_rows) prefetch(next + r * rs, len);
     const A* t = tile + r * kColBlock;
     for (int64_t k = 0; k < plen; k += W)
-      storeu(run_s + k, add(loadu(run_s + k), vexp(sub(loadu(t + k), loadu(shift + k)))));
+      storeu(run_s + k, add(loadu(run_s + k), vexp_le0(sub(loadu(t + k), loadu(shift + k)))));
   }
 }
 
@@ -428,7 +429,7 @@ void sinkhorn_step_typed(const StepArgs& a) {
         const V shift = set1(mx);
         V sv = set1(A(0));
         for (int64_t k = 0; k < stride; k += W) {
-          const V e = vexp(sub(loadu(buf + k), shift));
+          const V e = vexp_le0(sub(loadu(buf + k), shift));
           storeu(buf + k, e);
           sv = add(sv, e);
         }

@@ -66,9 +66,12 @@ inline VF select(VMask m, VF a, VF b) { return {_mm512_mask_blend_ps(m, b.v, a.v
 inline VMask first_lanes(int n) { return VMask((1u << n) - 1u); }
 inline float lane0(VF a) { return _mm512_cvtss_f32(a.v); }
 
+// exp_le0 (x <= 0 or NaN, the LSE sweeps' arguments) skips the upper clamp
+template <bool kLe0 = false>
 inline VF vexp(VF x) {
   using namespace expc;
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(kHi), _mm512_max_ps(_mm512_set1_ps(kLo), x.v));
+  __m512 xc = _mm512_max_ps(_mm512_set1_ps(kLo), x.v);
+  if (!kLe0) xc = _mm512_min_ps(_mm512_set1_ps(kHi), xc);
   const __m512 k = _mm512_sub_ps(
       _mm512_fmadd_ps(xc, _mm512_set1_ps(kLog2e), _mm512_set1_ps(kMagic)), _mm512_set1_ps(kMagic));
   __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(kLn2Hi), xc);
@@ -149,9 +152,11 @@ inline VMask first_lanes(int n) {
 }
 inline float lane0(VF a) { return _mm256_cvtss_f32(a.v); }
 
+template <bool kLe0 = false>
 inline VF vexp(VF x) {
   using namespace expc;
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(kHi), _mm256_max_ps(_mm256_set1_ps(kLo), x.v));
+  __m256 xc = _mm256_max_ps(_mm256_set1_ps(kLo), x.v);
+  if (!kLe0) xc = _mm256_min_ps(_mm256_set1_ps(kHi), xc);
   const __m256 kb = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kMagic));
   const __m256 k = _mm256_sub_ps(kb, _mm256_set1_ps(kMagic));
   __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(kLn2Hi), xc);
@@ -261,6 +266,7 @@ inline float lane_exp(float x) {
   std::memcpy(&s2, &b2, sizeof s2);
   return p * s1 * s2;
 }
+template <bool kLe0 = false>
 inline VF vexp(VF x) { VF r; NCL_LANES r.v[l] = lane_exp(x.v[l]); return r; }
 inline float hsum(VF a) {
   float s = 0.0f;
@@ -281,6 +287,10 @@ inline void store_st(f16_t* p, VF a) { NCL_LANES p[l] = to_f16(a.v[l]); }
 #endif
 
 // ---------------------------------------------------------------- shared by all sets
+// exp of x <= 0 (or NaN): what an LSE sweep takes, x - max; one clamp fewer
+template <typename V>
+inline V vexp_le0(V x) { return vexp<true>(x); }
+
 inline VF neg_inf_v() { return set1(-INFINITY); }
 inline VF zero_v() { return set1(0.0f); }
 
@@ -311,6 +321,7 @@ inline VD max_(VD a, VD b) { return {a.v > b.v ? a.v : b.v}; }
 inline VD min_(VD a, VD b) { return {a.v < b.v ? a.v : b.v}; }
 inline bool eq(VD a, VD b) { return a.v == b.v; }
 inline VD select(bool m, VD a, VD b) { return m ? a : b; }
+template <bool kLe0 = false>
 inline VD vexp(VD x) { return {std::exp(x.v)}; }
 inline double hsum(VD a) { return a.v; }
 inline double hmax(VD a) { return a.v; }

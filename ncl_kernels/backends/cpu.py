@@ -7,8 +7,13 @@ and the kernels of the best set this CPU has are chosen at run time. No temporar
 ``S``'s size is allocated. Results are bitwise identical for any thread count (the work
 split depends on the shape only; partial results are merged in a fixed order).
 
-Beyond the seam, :meth:`CpuBackend.sinkhorn_step` is one whole Sinkhorn iteration with one
-read of ``S``.
+The gradient pass computes one exponential per element where that is safe: the column
+probability is the row probability times ``exp(a_i + b_j)`` with per-row and per-column
+factors (``a_i = f_i + LSE_row_i``, ``b_j = -g_j - LSE_col_j``), used when their range
+cannot lose a significant term (else two exponentials, as the other backends always do;
+both forms meet docs/math.md section 5, tests/test_cpu_fused.py checks them against the
+oracle). Beyond the seam, :meth:`CpuBackend.sinkhorn_step` is one whole Sinkhorn
+iteration with one read of ``S`` and one exponential per element.
 
 The streaming forms are the base class's generic chunked path: ``torch.matmul`` (BLAS)
 computes a chunk of rows of ``X @ Y.T`` and these dense kernels reduce it, so memory stays
