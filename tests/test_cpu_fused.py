@@ -15,26 +15,16 @@ from conftest import STORAGE_DTYPES, assert_close, random_scores
 if not nk.backends()["cpu"]["usable"]:
     pytest.skip("the C++ CPU module is not built", allow_module_level=True)
 
+import test_cpu_backend  # noqa: E402  (after the skip: it needs the module too)
+
 from ncl_kernels import _C_cpu
 from ncl_kernels.backends.cpu import CpuBackend
 
+be = test_cpu_backend.be  # the fixture that runs a test on every instruction set
+acc_of = test_cpu_backend.acc_of
+
 NEG_INF = float("-inf")
-ISAS = _C_cpu.available_isas().split(",")
 SHAPES = [(1, 1), (1, 1031), (7, 67), (67, 7), (1031, 67), (67, 1031), (300, 4099)]
-
-
-@pytest.fixture(params=ISAS)
-def be(request):
-    before = _C_cpu.isa()
-    _C_cpu.set_isa(request.param)
-    try:
-        yield CpuBackend()
-    finally:
-        _C_cpu.set_isa(before)
-
-
-def acc_of(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def problem(shape, dtype, seed, scale=2.0, masks=True):
