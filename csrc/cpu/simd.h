@@ -198,22 +198,29 @@ inline float hmax(VF a) {
 
 inline VF load_acc(const float* p) { return loadu(p); }
 inline VF load_acc(const bf16_t* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  // interleaving with zeros puts each bf16 in the top half of a 32-bit lane: no shift
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i zero = _mm_setzero_si128();
+  return {_mm256_castsi256_ps(
+      _mm256_set_m128i(_mm_unpackhi_epi16(zero, x), _mm_unpacklo_epi16(zero, x)))};
 }
 inline VF load_acc(const f16_t* p) {
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
 }
 inline void store_st(float* p, VF a) { storeu(p, a); }
 inline void store_st(bf16_t* p, VF a) {  // round to nearest even; NaN stays quiet
+  // rounded in the 32-bit lanes (a NaN only gets its quiet bit set), then the top halves
+  // are gathered by a byte shuffle: one shift per vector (Zen 2 has one shift pipe)
   const __m256i u = _mm256_castps_si256(a.v);
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rnd = _mm256_srli_epi32(
-      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), 16);
-  const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i rnd = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+  const __m256i qnan = _mm256_or_si256(u, _mm256_set1_epi32(0x00400000));
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q));
-  const __m256i w = _mm256_blendv_epi8(rnd, qnan, nan);  // 8 x 16 bits in 32-bit lanes
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(w, w), 0x08);
+  const __m256i w = _mm256_blendv_epi8(rnd, qnan, nan);
+  const __m256i top = _mm256_shuffle_epi8(
+      w, _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1,
+                          2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1));
+  const __m256i packed = _mm256_permute4x64_epi64(top, 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 inline void store_st(f16_t* p, VF a) {
