@@ -102,11 +102,10 @@ int thread_id() {
 }
 
 // Scratch memory without std:: containers (see the header comment); throws bad_alloc.
-// 64-byte aligned, so that vectors of it never straddle a cache line.
+// (std::malloc, not std::aligned_alloc, which MSVC lacks: the kernels load unaligned.)
 template <typename T>
 T* scratch(int64_t count) {
-  const size_t bytes = (sizeof(T) * size_t(count > 0 ? count : 1) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes);
+  void* p = std::malloc(sizeof(T) * size_t(count > 0 ? count : 1));
   if (!p) throw std::bad_alloc();
   return static_cast<T*>(p);
 }
