@@ -47,6 +47,10 @@ def make_record(info: dict, median_s: float, min_s: float, rounds, date: str,
         "flops": info.get("flops"), "roof_kind": info.get("roof_kind"),
         "check": info.get("check"), "note": info.get("note"), "size": info.get("size"),
         "threads": info.get("threads"), "roofs": info.get("roofs"), "test": test,
+        # the exp floor (harness.run_case's exps): floor time and floor / median time
+        "exp_floor_ms": info.get("exp_floor_ms"),
+        "exp_floor_ratio": (info["exp_floor_ms"] / (median_s * 1e3)
+                            if info.get("exp_floor_ms") else None),
     }
 
 

@@ -116,7 +116,7 @@ def test_ncl_loss_fwd_bwd(benchmark, roofs, dense, impl):
              check=lambda out: _check(["loss", "dS", "dscale"], out, expected, dtype, ORACLE),
              shape=S0.shape, dtype=dtype,
              bytes_moved=(2 * ITERS + 3) * S0.numel() * S0.element_size(), roof="read",
-             note=f"n_iters={ITERS}, tensor scale with grad")
+             exps=(2 * ITERS + 3) * S0.numel(), note=f"n_iters={ITERS}, tensor scale with grad")
 
 
 @pytest.mark.parametrize("impl", with_streaming(ours_backends(auto=True)) + PEERS)

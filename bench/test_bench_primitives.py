@@ -95,7 +95,7 @@ def test_lse_pass(benchmark, roofs, dense, op, impl):
     run_case(benchmark, roofs, op=op, backend=impl, ours=impl != "eager", fn=fn,
              check=lambda out: expect_close(op, out, expected, dtype, oracle),
              shape=S.shape, dtype=dtype, bytes_moved=S.numel() * S.element_size(),
-             roof="read")
+             roof="read", exps=S.numel())
 
 
 # -- dense gradient pass and bias application -------------------------------------------------
@@ -133,7 +133,7 @@ def test_ncl_grad(benchmark, roofs, dense, impl, inplace):
 
     run_case(benchmark, roofs, op="ncl_grad_inplace" if inplace else "ncl_grad",
              backend=impl, fn=fn, check=check, setup=setup, shape=S.shape, dtype=dtype,
-             bytes_moved=2 * S.numel() * S.element_size(), roof="copy")
+             bytes_moved=2 * S.numel() * S.element_size(), roof="copy", exps=2 * S.numel())
 
 
 def _grad_f32(S, f, g, lse_row, lse_col):

@@ -110,7 +110,7 @@ def test_sinkhorn_dense(benchmark, roofs, dense, impl):
     run_case(benchmark, roofs, op="sinkhorn", backend=impl, ours=impl not in DENSE_PEERS,
              fn=fn, check=check, shape=S.shape, dtype=dtype,
              bytes_moved=2 * ITERS * S.numel() * S.element_size(), roof="read",
-             note=f"{ITERS} iterations, tol=None")
+             exps=2 * ITERS * S.numel(), note=f"{ITERS} iterations, tol=None")
 
 
 @pytest.mark.parametrize("impl", with_streaming(ours_backends(auto=True)) + STREAM_PEERS)

@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <utility>
 
 #include "bindings_common.h"
 #include "cpu/primitives.h"
@@ -35,7 +34,7 @@ const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
 void row_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
-             uintptr_t g_ptr, uintptr_t out_ptr, int n_threads, uintptr_t sum_ptr) {
+             uintptr_t g_ptr, uintptr_t out_ptr, uintptr_t sum_ptr, int n_threads) {
   ncl::bindings::check_dtype(dtype);
   ncl::bindings::check_row_block(n, m, row_stride, s_ptr, out_ptr);
   py::gil_scoped_release no_gil;
@@ -44,7 +43,7 @@ void row_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtyp
 }
 
 void col_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
-             uintptr_t f_ptr, uintptr_t out_ptr, int n_threads, uintptr_t sum_ptr) {
+             uintptr_t f_ptr, uintptr_t out_ptr, uintptr_t sum_ptr, int n_threads) {
   ncl::bindings::check_dtype(dtype);
   ncl::bindings::check_block(n, m, row_stride, s_ptr);
   ncl::bindings::check_vector("output", out_ptr, m);
@@ -53,29 +52,41 @@ void col_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtyp
                     mptr(out_ptr), mptr(sum_ptr), n_threads);
 }
 
-double ncl_grad(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype,
-                double scale, uintptr_t f_ptr, uintptr_t g_ptr, uintptr_t lse_row_ptr,
-                uintptr_t lse_col_ptr, uintptr_t coef_row_ptr, uintptr_t coef_col_ptr,
-                uintptr_t y_ptr, uintptr_t z_ptr, int64_t row_offset, uintptr_t out_ptr,
-                int64_t out_row_stride, int n_threads) {
+void sinkhorn_step(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype,
+                   double scale, uintptr_t g_ptr, uintptr_t log_r_ptr, uintptr_t f_ptr,
+                   uintptr_t lse_row_ptr, uintptr_t col_max_ptr, uintptr_t col_sum_ptr,
+                   int n_threads) {
   namespace b = ncl::bindings;
   b::check_dtype(dtype);
   b::check_block(n, m, row_stride, s_ptr);
-  for (auto [what, ptr] : {std::pair<const char*, uintptr_t>{"f", f_ptr}, {"lse_row", lse_row_ptr},
-                           {"coef_row", coef_row_ptr}, {"y", y_ptr}})
-    b::check_vector(what, ptr, n);
-  for (auto [what, ptr] : {std::pair<const char*, uintptr_t>{"g", g_ptr}, {"lse_col", lse_col_ptr},
-                           {"coef_col", coef_col_ptr}, {"z", z_ptr}})
-    b::check_vector(what, ptr, m);
-  if (out_ptr != 0 && out_row_stride < m)
-    throw py::value_error("out_row_stride=" + std::to_string(out_row_stride) + " < m=" +
-                          std::to_string(m));
+  b::check_vector("g", g_ptr, m);
+  b::check_vector("log_r", log_r_ptr, n);
+  b::check_vector("f", f_ptr, n);
+  b::check_vector("lse_row", lse_row_ptr, n);
+  b::check_vector("col_max", col_max_ptr, m);
   py::gil_scoped_release no_gil;
-  return ncl::cpu::ncl_grad(cptr<void>(s_ptr), n, m, row_stride, dtype, scale, cptr<void>(f_ptr),
-                            cptr<void>(g_ptr), cptr<void>(lse_row_ptr), cptr<void>(lse_col_ptr),
-                            cptr<void>(coef_row_ptr), cptr<void>(coef_col_ptr),
-                            cptr<int64_t>(y_ptr), cptr<int64_t>(z_ptr), row_offset,
-                            mptr(out_ptr), out_row_stride, n_threads);
+  ncl::cpu::sinkhorn_step(cptr<void>(s_ptr), n, m, row_stride, dtype, scale, cptr<void>(g_ptr),
+                          cptr<void>(log_r_ptr), mptr(f_ptr), mptr(lse_row_ptr),
+                          mptr(col_max_ptr), mptr(col_sum_ptr), n_threads);
+}
+
+void ncl_grad(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype,
+              double scale, uintptr_t f_ptr, uintptr_t g_ptr, uintptr_t lse_row_ptr,
+              uintptr_t lse_col_ptr, uintptr_t coef_row_ptr, uintptr_t coef_col_ptr,
+              uintptr_t y_ptr, uintptr_t z_ptr, uintptr_t ds_ptr, int64_t row_offset,
+              uintptr_t out_ptr, int64_t out_row_stride, int n_threads) {
+  ncl::bindings::check_grad(n, m, row_stride, dtype, s_ptr, f_ptr, g_ptr, lse_row_ptr,
+                            lse_col_ptr, coef_row_ptr, coef_col_ptr, y_ptr, z_ptr, out_ptr,
+                            out_row_stride, ds_ptr);
+  py::gil_scoped_release no_gil;
+  const double ds = ncl::cpu::ncl_grad(
+      cptr<void>(s_ptr), n, m, row_stride, dtype, scale, cptr<void>(f_ptr), cptr<void>(g_ptr),
+      cptr<void>(lse_row_ptr), cptr<void>(lse_col_ptr), cptr<void>(coef_row_ptr),
+      cptr<void>(coef_col_ptr), cptr<int64_t>(y_ptr), cptr<int64_t>(z_ptr), row_offset,
+      mptr(out_ptr), out_row_stride, n_threads);
+  // dscale in the accumulator type, like the vectors
+  if (dtype == ncl::F64) *reinterpret_cast<double*>(ds_ptr) = ds;
+  else *reinterpret_cast<float*>(ds_ptr) = float(ds);
 }
 
 void apply_biases(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype,
@@ -87,12 +98,41 @@ void apply_biases(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int
                          cptr<void>(g_ptr), n_threads);
 }
 
-void set_isa(const std::string& name) {
+template <typename Fn>
+auto value_errors(Fn&& fn) {  // the C++ layer's invalid_argument as a Python ValueError
   try {
-    ncl::cpu::set_isa(name);
+    return fn();
   } catch (const std::invalid_argument& e) {
     throw py::value_error(e.what());
   }
+}
+
+void exp_f32(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n, const std::string& isa) {
+  if (n < 0) throw py::value_error("negative n=" + std::to_string(n));
+  ncl::bindings::check_vector("in", in_ptr, n);
+  ncl::bindings::check_vector("out", out_ptr, n);
+  value_errors([&] {
+    py::gil_scoped_release no_gil;
+    ncl::cpu::exp_f32(cptr<float>(in_ptr), reinterpret_cast<float*>(out_ptr), n, isa);
+  });
+}
+
+double read_sum(uintptr_t ptr, int64_t n, int n_threads) {
+  if (n < 0) throw py::value_error("negative n=" + std::to_string(n));
+  ncl::bindings::check_vector("x", ptr, n);
+  py::gil_scoped_release no_gil;
+  return ncl::cpu::read_sum(cptr<float>(ptr), n, n_threads);
+}
+
+double exp_sum(uintptr_t ptr, int64_t n, double shift, int64_t reps, int n_threads) {
+  if (n < 0 || reps < 0) throw py::value_error("negative n or reps");
+  ncl::bindings::check_vector("x", ptr, n);
+  py::gil_scoped_release no_gil;
+  return ncl::cpu::exp_sum(cptr<float>(ptr), n, float(shift), reps, n_threads);
+}
+
+void set_isa(const std::string& name) {
+  value_errors([&] { ncl::cpu::set_isa(name); });
 }
 
 py::dict build_info() {
@@ -120,45 +160,66 @@ PYBIND11_MODULE(_C_cpu, mod) {
 
   ncl::bindings::add_dtype_codes(mod);
 
-  mod.def("row_lse", &row_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("g_ptr"),
-          py::arg("out_ptr"), py::arg("n_threads"), py::arg("sum_ptr") = 0,
+  // Every primitive takes keyword arguments only, with the names _C_cuda uses too
+  // (bindings_common.h); n_threads <= 0 is the OpenMP default.
+  mod.def("row_lse", &row_lse, py::kw_only(), NCL_BLOCK_KWARGS, py::arg("g_ptr") = 0,
+          py::arg("out_ptr"), py::arg("sum_ptr") = 0, py::arg("n_threads") = 0,
           R"doc(out[i] = log sum_j exp(scale * S[i, j] + g[j]) for an n x m block of scores.
 
 S: pointer to storage of `dtype` (DTYPE_F32/F64/F16/BF16), column stride 1, row stride
 `row_stride` elements (>= m). g_ptr: m float values (double for F64), or 0 for g = 0.
 out_ptr: n float values (double for F64). Logits are formed and accumulated in float
 (double for F64). -inf entries are masks; an all -inf row gives -inf.
-n_threads <= 0 uses the OpenMP default. With sum_ptr != 0 (n more values) the LSE comes
-back unfinished: out = max logit, sum = sum exp(logit - max), LSE = out + log(sum).
-Releases the GIL.)doc");
+With sum_ptr != 0 (n more values) the LSE comes back unfinished: out = max logit,
+sum = sum exp(logit - max), LSE = out + log(sum), for the caller to finish with its own
+log. Releases the GIL.)doc");
 
-  mod.def("col_lse", &col_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
-          py::arg("out_ptr"), py::arg("n_threads"), py::arg("sum_ptr") = 0,
+  mod.def("col_lse", &col_lse, py::kw_only(), NCL_BLOCK_KWARGS, py::arg("f_ptr") = 0,
+          py::arg("out_ptr"), py::arg("sum_ptr") = 0, py::arg("n_threads") = 0,
           R"doc(out[j] = log sum_i exp(scale * S[i, j] + f[i]); arguments as in row_lse, with
 f_ptr: n values (or 0 for f = 0), out_ptr (and sum_ptr): m values. S is streamed
 row-major.)doc");
 
-  mod.def("ncl_grad", &ncl_grad, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
-          py::arg("g_ptr"), py::arg("lse_row_ptr"), py::arg("lse_col_ptr"),
-          py::arg("coef_row_ptr"), py::arg("coef_col_ptr"), py::arg("y_ptr"), py::arg("z_ptr"),
-          py::arg("row_offset"), py::arg("out_ptr"), py::arg("out_row_stride"),
-          py::arg("n_threads"),
-          R"doc(The NCL gradient pass over an n x m block of scores (SPEC.md section 3).
+  mod.def("sinkhorn_step", &sinkhorn_step, py::kw_only(), NCL_BLOCK_KWARGS, py::arg("g_ptr"),
+          py::arg("log_r_ptr"), py::arg("f_ptr"), py::arg("lse_row_ptr"), py::arg("col_max_ptr"),
+          py::arg("col_sum_ptr") = 0, py::arg("n_threads") = 0,
+          R"doc(One Sinkhorn iteration with one read of S (docs/math.md section 2).
 
-Returns sum_ij G_ij S_ij (a float, over unmasked S) and, when out_ptr != 0, writes
-scale * G in `dtype` at out_ptr (row stride out_row_stride; out_ptr == s_ptr is in place).
-f, lse_row, coef_row: n accumulator values; g, lse_col, coef_col: m; y: n int64 target
-columns, z: m int64 target rows (global: row_offset is the index of the block's first row),
--1 for none. Releases the GIL.)doc");
+Writes lse_row[i] = log sum_j exp(scale * S[i, j] + g[j]) (n values), f[i] = log_r[i] -
+lse_row[i] (-inf where log_r[i] = -inf), and the state of the column LSE with that f:
+col_max[j] (the max logit), col_sum[j] (sum exp(logit - max)), m values each; with
+col_sum_ptr = 0 col_max gets the finished LSE. g, log_r: accumulator values. Releases
+the GIL.)doc");
 
-  mod.def("apply_biases", &apply_biases, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
-          py::arg("g_ptr"), py::arg("n_threads"),
+  mod.def("ncl_grad", &ncl_grad, py::kw_only(), NCL_GRAD_KWARGS, py::arg("n_threads") = 0,
+          R"doc(The NCL gradient pass over an n x m block of scores (docs/math.md section 3).
+
+Writes dscale = sum_ij G_ij S_ij (over unmasked S) as one accumulator value at ds_ptr and,
+when out_ptr != 0, scale * G in `dtype` at out_ptr (row stride out_row_stride; out_ptr ==
+s_ptr is in place). f, lse_row, coef_row: n accumulator values; g, lse_col, coef_col: m;
+y: n int64 target columns, z: m int64 target rows (global: row_offset is the index of the
+block's first row), -1 for none. Releases the GIL.)doc");
+
+  mod.def("apply_biases", &apply_biases, py::kw_only(), NCL_BLOCK_KWARGS, py::arg("f_ptr") = 0,
+          py::arg("g_ptr") = 0, py::arg("n_threads") = 0,
           R"doc(In place S <- scale * S + f[i] + g[j] (f_ptr/g_ptr 0: zero), computed in the
 accumulator type and rounded once to `dtype`. Releases the GIL.)doc");
+
+  mod.def("one_exp", &ncl::cpu::one_exp_enabled,
+          "whether ncl_grad may use one exponential per element where that is safe");
+  mod.def("set_one_exp", &ncl::cpu::set_one_exp, py::arg("on"),
+          "allow (True, the default) or forbid the one-exponential gradient (process-wide)");
+
+  mod.def("exp_f32", &exp_f32, py::arg("in_ptr"), py::arg("out_ptr"), py::arg("n"),
+          py::arg("isa") = "",
+          "out[k] = exp(in[k]) for n float32 values with the kernels' vectorized exp of the "
+          "named instruction set ('' = the one in use)");
+  mod.def("read_sum", &read_sum, py::arg("ptr"), py::arg("n"), py::arg("n_threads") = 0,
+          "sum of n float32 values with the kernels' vector loads (the read-bandwidth roof)");
+  mod.def("exp_sum", &exp_sum, py::arg("ptr"), py::arg("n"), py::arg("shift"), py::arg("reps"),
+          py::arg("n_threads") = 0,
+          "reps sweeps of sum_k exp(x[k] - shift) over n float32 values on every thread: the "
+          "exp-sum sweep of the LSE passes alone (the exp-throughput roof); returns the sum");
 
   mod.def("isa", &ncl::cpu::isa, "the instruction set whose kernels run: avx512, avx2, generic");
   mod.def("available_isas", &ncl::cpu::available_isas,

@@ -56,11 +56,19 @@ T* mptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
 void require(uintptr_t p, const char* name) {
-  if (p == 0) throw py::value_error(std::string("null pointer: ") + name);
+  if (p == 0) throw py::value_error(std::string("null ") + name + " pointer");
+}
+
+// The GPU kernels finish their LSEs on the device (CUDA's log is the log torch uses there),
+// so the unfinished (max, sum) output of _C_cpu is not offered: sum_ptr must be 0.
+void no_sum(uintptr_t sum_ptr) {
+  if (sum_ptr != 0)
+    throw py::value_error("sum_ptr: the CUDA kernels return finished LSEs (pass 0)");
 }
 
 void row_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
-             uintptr_t g_ptr, uintptr_t out_ptr, uintptr_t stream) {
+             uintptr_t g_ptr, uintptr_t out_ptr, uintptr_t sum_ptr, uintptr_t stream) {
+  no_sum(sum_ptr);
   ncl::bindings::check_dtype(dtype);
   ncl::bindings::check_row_block(n, m, row_stride, s_ptr, out_ptr);
   launch_checked("row_lse_cuda", [&] {
@@ -75,8 +83,9 @@ int64_t col_lse_slabs(int64_t n, int64_t m, int dtype, int sm_count) {
 }
 
 void col_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
-             uintptr_t f_ptr, uintptr_t out_ptr, uintptr_t work_ptr, int64_t n_slabs,
-             uintptr_t stream) {
+             uintptr_t f_ptr, uintptr_t out_ptr, uintptr_t sum_ptr, uintptr_t stream,
+             uintptr_t work_ptr, int64_t n_slabs) {
+  no_sum(sum_ptr);
   ncl::bindings::check_dtype(dtype);
   // the block is n x m, reduced into m outputs
   ncl::bindings::check_row_block(n, m, row_stride, s_ptr, n > 0 ? 1 : 0);
@@ -92,29 +101,16 @@ void col_lse(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtyp
 void ncl_grad(uintptr_t s_ptr, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
               uintptr_t f_ptr, uintptr_t g_ptr, uintptr_t lse_row_ptr, uintptr_t lse_col_ptr,
               uintptr_t coef_row_ptr, uintptr_t coef_col_ptr, uintptr_t y_ptr, uintptr_t z_ptr,
-              int64_t row_offset, uintptr_t out_ptr, int64_t out_row_stride, uintptr_t ds_ptr,
-              uintptr_t work_ptr, int64_t work_capacity, uintptr_t stream) {
-  ncl::bindings::check_dtype(dtype);
-  ncl::bindings::check_row_block(n, m, row_stride, s_ptr, n > 0 ? 1 : 0);
-  if (out_ptr != 0 && n > 1 && out_row_stride < m)
-    throw py::value_error("out_row_stride=" + std::to_string(out_row_stride) +
-                          " < m=" + std::to_string(m));
-  require(ds_ptr, "ds");
+              uintptr_t ds_ptr, int64_t row_offset, uintptr_t out_ptr, int64_t out_row_stride,
+              uintptr_t stream, uintptr_t work_ptr, int64_t work_capacity) {
+  ncl::bindings::check_grad(n, m, row_stride, dtype, s_ptr, f_ptr, g_ptr, lse_row_ptr,
+                            lse_col_ptr, coef_row_ptr, coef_col_ptr, y_ptr, z_ptr, out_ptr,
+                            out_row_stride, ds_ptr);
   require(work_ptr, "work");
-  if (n > 0 && m > 0) {
-    require(f_ptr, "f");
-    require(g_ptr, "g");
-    require(lse_row_ptr, "lse_row");
-    require(lse_col_ptr, "lse_col");
-    require(coef_row_ptr, "coef_row");
-    require(coef_col_ptr, "coef_col");
-    require(y_ptr, "y");
-    require(z_ptr, "z");
-    if (work_capacity < ncl::cuda::ncl_grad_blocks(n, m))
-      throw py::value_error("work_capacity=" + std::to_string(work_capacity) +
-                            " < ncl_grad_blocks(n, m)=" +
-                            std::to_string(ncl::cuda::ncl_grad_blocks(n, m)));
-  }
+  if (n > 0 && m > 0 && work_capacity < ncl::cuda::ncl_grad_blocks(n, m))
+    throw py::value_error("work_capacity=" + std::to_string(work_capacity) +
+                          " < ncl_grad_blocks(n, m)=" +
+                          std::to_string(ncl::cuda::ncl_grad_blocks(n, m)));
   const ncl::cuda::GradPtrs p{cptr(s_ptr), mptr(out_ptr), cptr(f_ptr), cptr(g_ptr),
                               cptr(lse_row_ptr), cptr(lse_col_ptr), cptr(coef_row_ptr),
                               cptr(coef_col_ptr), cptr<int64_t>(y_ptr), cptr<int64_t>(z_ptr),
@@ -167,23 +163,25 @@ PYBIND11_MODULE(_C_cuda, mod) {
 
   ncl::bindings::add_dtype_codes(mod);
 
-  mod.def("row_lse", &row_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("g_ptr"),
-          py::arg("out_ptr"), py::arg("stream"),
+  // Every primitive takes keyword arguments only, with the names _C_cpu uses too
+  // (bindings_common.h); then `stream` (a cudaStream_t as int, e.g.
+  // torch.cuda.current_stream().cuda_stream; 0 = default stream) and the work buffers.
+  mod.def("row_lse", &row_lse, py::kw_only(), NCL_BLOCK_KWARGS, py::arg("g_ptr") = 0,
+          py::arg("out_ptr"), py::arg("sum_ptr") = 0, py::arg("stream") = 0,
           R"doc(out[i] = log sum_j exp(scale * S[i, j] + g[j]) on the GPU (device pointers).
 
-Same arguments as _C_cpu.row_lse, but `stream` (a cudaStream_t as int, e.g.
-torch.cuda.current_stream().cuda_stream; 0 = default stream) instead of n_threads.
-`scale` is rounded to the accumulator type (float; double for DTYPE_F64). Enqueues
-asynchronously; raises RuntimeError if the launch fails. Releases the GIL.)doc");
+The arguments of _C_cpu.row_lse, with `stream` instead of n_threads; sum_ptr must be 0
+(the LSE is finished on the device). `scale` is rounded to the accumulator type (float;
+double for DTYPE_F64). Enqueues asynchronously; raises RuntimeError if the launch fails.
+Releases the GIL.)doc");
 
   mod.def("col_lse_slabs", &col_lse_slabs, py::arg("n"), py::arg("m"), py::arg("dtype"),
           py::arg("sm_count"),
           "number of row slabs col_lse should split an n x m block into on a GPU with "
           "sm_count multiprocessors (its work buffer then needs 2 * slabs * m values)");
-  mod.def("col_lse", &col_lse, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
-          py::arg("out_ptr"), py::arg("work_ptr"), py::arg("n_slabs"), py::arg("stream"),
+  mod.def("col_lse", &col_lse, py::kw_only(), NCL_BLOCK_KWARGS, py::arg("f_ptr") = 0,
+          py::arg("out_ptr"), py::arg("sum_ptr") = 0, py::arg("stream") = 0,
+          py::arg("work_ptr") = 0, py::arg("n_slabs") = 1,
           R"doc(out[j] = log sum_i exp(scale * S[i, j] + f[i]) on the GPU (m outputs).
 
 f_ptr: n accumulator values or 0 (f = 0). work_ptr: 2 * n_slabs * m accumulator values
@@ -191,22 +189,18 @@ when n_slabs > 1 (else may be 0); n_slabs from col_lse_slabs. Deterministic.)doc
 
   mod.def("ncl_grad_blocks", &ncl::cuda::ncl_grad_blocks, py::arg("n"), py::arg("m"),
           "length of ncl_grad's work buffer (accumulator values) for an n x m block");
-  mod.def("ncl_grad", &ncl_grad, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
-          py::arg("g_ptr"), py::arg("lse_row_ptr"), py::arg("lse_col_ptr"),
-          py::arg("coef_row_ptr"), py::arg("coef_col_ptr"), py::arg("y_ptr"), py::arg("z_ptr"),
-          py::arg("row_offset"), py::arg("out_ptr"), py::arg("out_row_stride"),
-          py::arg("ds_ptr"), py::arg("work_ptr"), py::arg("work_capacity"), py::arg("stream"),
+  mod.def("ncl_grad", &ncl_grad, py::kw_only(), NCL_GRAD_KWARGS, py::arg("stream") = 0,
+          py::arg("work_ptr"), py::arg("work_capacity"),
           R"doc(The NCL gradient pass (Backend.ncl_grad_): out = scale * G, *ds = sum G * S.
 
-Vectors f (n), g (m), lse_row (n), lse_col (m), coef_row (n), coef_col (m) and the scalar
-ds are accumulator values; y (n) and z (m) int64 targets. out_ptr: 0 (sum only), s_ptr (in
-place) or another block of S's dtype with row stride out_row_stride. work: ncl_grad_blocks
-(n, m) accumulator values. Deterministic (no atomics).)doc");
+The arguments of _C_cpu.ncl_grad (vectors f (n), g (m), lse_row (n), lse_col (m),
+coef_row (n), coef_col (m) and the scalar ds are accumulator values; y (n) and z (m)
+int64 targets; out_ptr: 0 (sum only), s_ptr (in place) or another block of S's dtype with
+row stride out_row_stride), with `stream` and work: ncl_grad_blocks(n, m) accumulator
+values. Deterministic (no atomics).)doc");
 
-  mod.def("apply_biases", &apply_biases, py::arg("s_ptr"), py::arg("n"), py::arg("m"),
-          py::arg("row_stride"), py::arg("dtype"), py::arg("scale"), py::arg("f_ptr"),
-          py::arg("g_ptr"), py::arg("stream"),
+  mod.def("apply_biases", &apply_biases, py::kw_only(), NCL_BLOCK_KWARGS, py::arg("f_ptr") = 0,
+          py::arg("g_ptr") = 0, py::arg("stream") = 0,
           "S <- scale * S + f[:, None] + g[None, :] in place (f_ptr/g_ptr 0: zero)");
 
   mod.def("device_count", &device_count,

@@ -48,14 +48,15 @@ def loss_problem(like: Tensor, n: int, m: int, scale_t, scale_f, row_targets, co
                        V.potential_values("g", g, acc))
 
 
-def biases_and_lses(row_lse, col_lse, r, c, n_iters, f, g) -> Biases:
+def biases_and_lses(row_lse, col_lse, step, r, c, n_iters, f, g) -> Biases:
     """``f, g`` (solved unless given) with ``LSE_row(g)`` and ``LSE_col(f)``.
 
-    After a solve, the last column pass already holds ``LSE_col(f)`` and the closing row
-    pass ``LSE_row(g)``, so the forward costs no pass beyond the Sinkhorn iterations.
+    After a solve, the last step already holds ``LSE_col(f)`` and the closing row pass
+    ``LSE_row(g)``, so the forward costs no pass beyond the Sinkhorn iterations.
+    ``step(g, log_r)`` is one iteration (see :func:`ncl_kernels.sinkhorn.solve`).
     """
     if f is None:
-        sol = solve(row_lse, col_lse, r, c, n_iters=n_iters, tol=None, check_every=1)
+        sol = solve(row_lse, step, r, c, n_iters=n_iters, tol=None, check_every=1)
         f, g, lse_row, lse_col = sol.f, sol.g, sol.lse_row, sol.lse_col
     else:
         # given biases may be the caller's tensors: outputs of an op must not alias inputs

@@ -80,9 +80,10 @@ def _dense_kernel(backend: str):
         t_row = S[rows, p.y.clamp(min=0)].to(acc) * p.s
         t_col = S[p.z.clamp(min=0), cols].to(acc) * p.s
         V.targets_unmasked(t_row, t_col, p.y, p.z)
-        row, col = _kernels(backend, S, "row_lse", "col_lse")
-        b = LM.biases_and_lses(lambda g_: row(S, p.s, g_), lambda f_: col(S, p.s, f_), p.r,
-                               p.c, n_iters, p.f, p.g)
+        row, col, step = _kernels(backend, S, "row_lse", "col_lse", "sinkhorn_step")
+        b = LM.biases_and_lses(lambda g_: row(S, p.s, g_), lambda f_: col(S, p.s, f_),
+                               lambda g_, log_r: step(S, p.s, g_, log_r), p.r, p.c, n_iters,
+                               p.f, p.g)
         return _finish(p, b, t_row, t_col, w_row, w_col, acc)
     return kernel
 
@@ -210,9 +211,10 @@ def _xy_kernel(backend: str):
                             col_mass, f, g)
         V.embeddings_values(X, Y, (x_name, y_name))
         acc = acc_dtype(X.dtype)
-        row, col = _kernels(backend, X, "row_lse_xy", "col_lse_xy")
+        row, col, step = _kernels(backend, X, "row_lse_xy", "col_lse_xy", "sinkhorn_step_xy")
         b = LM.biases_and_lses(lambda g_: row(X, Y, p.s, g_), lambda f_: col(X, Y, p.s, f_),
-                               p.r, p.c, n_iters, p.f, p.g)
+                               lambda g_, log_r: step(X, Y, p.s, g_, log_r), p.r, p.c,
+                               n_iters, p.f, p.g)
         # target logits s * <x_i, y_{y_i}> and s * <x_{z_j}, y_j>: O((N + M) D)
         t_row = (X.to(acc) * Y[p.y.clamp(min=0)].to(acc)).sum(1) * p.s
         t_col = (X[p.z.clamp(min=0)].to(acc) * Y.to(acc)).sum(1) * p.s

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from . import _library, _loss_math as LM, _validate as V
 from ._dtypes import acc_dtype
-from .backends import registry
+from .backends import derived, registry
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
@@ -183,8 +183,11 @@ def _forward_kernel(backend: str):
         Y = _gather_rows(y, lay.cols, group)
         # (finite embeddings: every row pass is finite, so the local feasibility check of
         # solve() cannot fire on one rank alone; the column check sees replicated data)
-        b = LM.biases_and_lses(lambda g_: row_lse(x, Y, s, g_),
-                               lambda f_: _all_reduce_lse(col_lse(x, Y, s, f_), group),
+        row = (lambda g_: row_lse(x, Y, s, g_))
+        col = (lambda f_: _all_reduce_lse(col_lse(x, Y, s, f_), group))
+        # (no fused step across ranks: the column LSE is merged over the ranks in between)
+        b = LM.biases_and_lses(row, col, lambda g_, log_r: derived.iteration(row, col, g_,
+                                                                             log_r),
                                r, c, n_iters, None, None)
         # coefficients over the *global* target sets (z is replicated: every rank has all
         # of C; R is counted over the ranks)

@@ -16,6 +16,8 @@ the kernels:
     row_lse_xy(X, Y, scale, g), col_lse_xy(X, Y, scale, f): as above on S = X @ Y.T
     ncl_grad_xy(X, Y, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z, need_dx,
                 need_dy)        -> (dX or empty, dY or empty, sum_ij G_ij S_ij)
+    sinkhorn_step(S, scale, g, log_r)    -> (f, LSE_row(g), LSE_col(f)), f = log_r - LSE_row(g)
+    sinkhorn_step_xy(X, Y, scale, g, log_r): the same on S = X @ Y.T
 
 ``G`` is the gradient of docs/math.md section 3 with the loss weights folded into
 ``coef_row``/``coef_col``; LSE and potential vectors are in the accumulation dtype
@@ -128,7 +130,16 @@ def _grad_xy_fake(X, Y, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
 _library.define("ncl_grad_xy", f"(Tensor X, Tensor Y, {_GRAD_ARGS}, bool need_dx, "
                 "bool need_dy) -> (Tensor, Tensor, Tensor)", _grad_xy_kernel, _grad_xy_fake)
 
+_library.define("sinkhorn_step", "(Tensor S, float scale, Tensor g, Tensor log_r) -> "
+                "(Tensor f, Tensor lse_row, Tensor lse_col)", _kernel("sinkhorn_step"),
+                lambda S, scale, g, log_r: (_vector(S, S.shape[0]), _vector(S, S.shape[0]),
+                                            _vector(S, S.shape[1])))
+_library.define("sinkhorn_step_xy", "(Tensor X, Tensor Y, float scale, Tensor g, Tensor log_r) "
+                "-> (Tensor f, Tensor lse_row, Tensor lse_col)", _kernel("sinkhorn_step_xy"),
+                lambda X, Y, scale, g, log_r: (_vector(X, X.shape[0]), _vector(X, X.shape[0]),
+                                               _vector(X, Y.shape[0])))
+
 #: the op names of the seam primitives (``ncl_grad`` and ``ncl_grad_`` are the two forms
 #: of the backends' ``ncl_grad_``)
-PRIMITIVE_OPS = ("row_lse", "col_lse", "ncl_grad", "ncl_grad_", "apply_biases_", "row_lse_xy",
-                 "col_lse_xy", "ncl_grad_xy")
+PRIMITIVE_OPS = ("row_lse", "col_lse", "ncl_grad", "ncl_grad_", "apply_biases_",
+                 "sinkhorn_step", "row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy")

@@ -1,11 +1,12 @@
 """The one log-domain Sinkhorn-Knopp driver (docs/math.md section 2) and its public entries.
 
-The driver (:func:`solve`) sees the problem only through two callables, ``row_lse(g)`` and
-``col_lse(f)``, so the dense form (a score matrix), the streaming form (embeddings), the
-loss's bias solve and the distributed loss share every line of the iteration, the stopping
-rule and the feasibility and overflow checks. The public functions check metadata in
-(traced) Python and call one op, ``torch.ops.ncl_kernels.sinkhorn`` or
-``sinkhorn_embeddings`` (overload per backend, ``_library.py``), which checks the data
+The driver (:func:`solve`) sees the problem only through two callables, one iteration
+``step(g, log_r)`` and a closing ``row_lse(g)``, so the dense form (a score matrix), the
+streaming form (embeddings), the loss's bias solve and the distributed loss share every
+line of the iteration, the stopping rule and the feasibility and overflow checks. The
+public functions check metadata in (traced) Python and call one op,
+``torch.ops.ncl_kernels.sinkhorn`` or ``sinkhorn_embeddings`` (overload per backend,
+``_library.py``), which checks the data
 and runs the driver: with ``tol=None`` both compile with ``torch.compile(fullgraph=True)``.
 """
 
@@ -108,40 +109,44 @@ def _check_feasible(lse: Tensor, mass: Tensor, what: str, against: str) -> None:
                          f"logits are -inf in the {against} of positive mass")
 
 
-def solve(row_lse: Callable[[Optional[Tensor]], Tensor],
-          col_lse: Callable[[Optional[Tensor]], Tensor],
+def solve(row_lse: Callable[[Tensor], Tensor], step: Callable[[Tensor, Tensor], tuple],
           r: Tensor, c: Tensor, *, n_iters: int, tol: Optional[float], check_every: int,
           init_g: Optional[Tensor] = None) -> _Solution:
     """Run Sinkhorn from ``g = init_g`` (default 0) and return potentials and the LSEs.
 
-    Pass count: one row pass to start, then a column and a row pass per iteration; the row
-    pass that closes iteration k gives both the error of iteration k and the ``f`` of
-    iteration k + 1, so nothing is read twice. Host synchronizations: the two feasibility
-    checks of the first iteration, one every ``check_every`` iterations when ``tol`` is
-    set, and the finiteness check of the result. Raises ``ValueError`` for an infeasible
-    problem or overflowing logits; whether ``tol`` was reached is the caller's to judge
-    (:func:`converged`).
+    ``step(g, log_r)`` is one iteration's work on the scores: ``(f, LSE_row(g),
+    LSE_col(f))`` with ``f = log_r - LSE_row(g)`` (the primitive ``sinkhorn_step``: one
+    read of the scores where a backend fuses it, two where it is derived); ``row_lse(g)``
+    closes the last iteration. So the row pass that opens iteration k + 1 also gives the
+    error of iteration k, and nothing is read twice: n_iters + 1 reads when fused, 2
+    n_iters + 1 otherwise. With ``tol``, the error of iteration k is looked at when
+    ``k % check_every == 0`` (at the start of the next step: a step that turns out not to
+    be needed is the price of fusing). Host synchronizations: the two feasibility checks
+    of the first iteration, each look, and the finiteness check of the result. Raises
+    ``ValueError`` for an infeasible problem or overflowing logits; whether ``tol`` was
+    reached is the caller's to judge (:func:`converged`).
     """
     log_r, log_c = torch.log(r), torch.log(c)
     g = _warm_start(init_g, c)
     f = torch.zeros_like(r).masked_fill(r == 0, NEG_INF)
-    lse_row = row_lse(g)
-    _check_feasible(lse_row, r, "row", "columns")
-    lse_col, error, done = None, None, 0
+    lse_col, done = None, 0
     for it in range(1, n_iters + 1):
-        f = _potential(r, log_r, lse_row)
-        lse_col = col_lse(f)
+        f_next, lse_row, lse_col_next = step(g, log_r)
         if it == 1:
-            _check_feasible(lse_col, c, "column", "rows")
-        g = _potential(c, log_c, lse_col)
-        lse_row = row_lse(g)
-        done, error = it, None
-        if tol is not None and it % check_every == 0:
-            error = _marginal_error(f, lse_row, r)
+            _check_feasible(lse_row, r, "row", "columns")
+            _check_feasible(lse_col_next, c, "column", "rows")
+        elif tol is not None and done % check_every == 0:
+            error = _marginal_error(f, lse_row, r)   # of iteration `done` = it - 1
             if float(error) <= tol:
-                break
-    if error is None:
-        error = _marginal_error(f, lse_row, r)
+                _check_finite(f, g, r, c)
+                return _Solution(f, g, lse_row, lse_col, done, error)
+        f, lse_col = f_next, lse_col_next
+        g = _potential(c, log_c, lse_col)
+        done = it
+    lse_row = row_lse(g)
+    if n_iters == 0:
+        _check_feasible(lse_row, r, "row", "columns")
+    error = _marginal_error(f, lse_row, r)
     _check_finite(f, g, r, c)
     return _Solution(f, g, lse_row, lse_col, done, error)
 
@@ -197,18 +202,19 @@ def run_dense(backend: str, S: Tensor, p: Problem, n_iters: int, tol: Optional[f
               check_every: int) -> _Solution:
     """Sinkhorn on checked scores with backend ``backend``'s kernels."""
     row = registry.resolve(backend, "row_lse", S.device.type, S.dtype)
-    col = registry.resolve(backend, "col_lse", S.device.type, S.dtype)
-    return solve(lambda g: row(S, p.s, g), lambda f: col(S, p.s, f), p.r, p.c,
-                 n_iters=n_iters, tol=tol, check_every=check_every, init_g=p.init_g)
+    step = registry.resolve(backend, "sinkhorn_step", S.device.type, S.dtype)
+    return solve(lambda g: row(S, p.s, g), lambda g, log_r: step(S, p.s, g, log_r), p.r,
+                 p.c, n_iters=n_iters, tol=tol, check_every=check_every, init_g=p.init_g)
 
 
 def run_embeddings(backend: str, X: Tensor, Y: Tensor, p: Problem, n_iters: int,
                    tol: Optional[float], check_every: int) -> _Solution:
     """Sinkhorn on checked embeddings (``S = X @ Y.T``, streamed)."""
     row = registry.resolve(backend, "row_lse_xy", X.device.type, X.dtype)
-    col = registry.resolve(backend, "col_lse_xy", X.device.type, X.dtype)
-    return solve(lambda g: row(X, Y, p.s, g), lambda f: col(X, Y, p.s, f), p.r, p.c,
-                 n_iters=n_iters, tol=tol, check_every=check_every, init_g=p.init_g)
+    step = registry.resolve(backend, "sinkhorn_step_xy", X.device.type, X.dtype)
+    return solve(lambda g: row(X, Y, p.s, g), lambda g, log_r: step(X, Y, p.s, g, log_r),
+                 p.r, p.c, n_iters=n_iters, tol=tol, check_every=check_every,
+                 init_g=p.init_g)
 
 
 def _outputs(sol: _Solution):

@@ -90,8 +90,8 @@ def real_materialize_policy(monkeypatch):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Force every chunked primitive through many chunks on small inputs."""
-    from ncl_kernels.backends import chunked
-    monkeypatch.setattr(chunked, "CHUNK_ELEMS", 97)
+    from ncl_kernels.backends import derived
+    monkeypatch.setattr(derived, "CHUNK_ELEMS", 97)
 
 
 @contextlib.contextmanager

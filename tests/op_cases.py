@@ -39,7 +39,11 @@ def primitive_cases(dtype=torch.float32, n=7, m=5, d=6, seed=1):
     x, y = random_embeddings(n, m, d, dtype, seed=seed)
     Sg, grad = _grad_inputs(n, m, dtype, seed)
     xg, yg = random_embeddings(n, m, d, dtype, seed=seed)
+    log_r = torch.log(torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(acc) + 0.5)
+    log_r[0] = float("-inf")  # a zero-mass row
     return {
+        "sinkhorn_step": [(S, 3.0, g, log_r), (strided, 3.0, g, log_r)],
+        "sinkhorn_step_xy": [(x, y, 3.0, g, log_r)],
         "row_lse": [(S, 3.0, None), (strided, 3.0, g)],
         "col_lse": [(S, 3.0, None), (strided, 3.0, f)],
         "apply_biases_": [(S.clone(), 3.0, f, g), (strided.clone(), 2.0, None, g)],

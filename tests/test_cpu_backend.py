@@ -266,3 +266,16 @@ def test_inplace_backward_hands_S_storage_to_autograd():
     nk.ncl_loss(expect, 5.0, backend="cpu").backward()
     assert torch.equal(S.grad, expect.grad)
     assert not torch.equal(S.detach(), S0)  # overwritten, as documented
+
+
+@pytest.mark.parametrize("n", [1, 3, 37, 1000])
+def test_lse_of_a_count_cancels_torch_log_exactly(be, n):
+    # Equal logits make the LSE's sum a count, log(n); the backend finishes the kernel's
+    # (max, sum) with torch.log, the log the Sinkhorn driver takes of the masses, so that
+    # log(c) - LSE is exactly 0 where it should be (a single column: c = n) instead of
+    # one ulp off between two libms.
+    S = random_scores(n, 1, torch.float32, seed=n)
+    f = -3.0 * S[:, 0]  # scale * S + f = 0 exactly
+    log_c = torch.log(torch.tensor([float(n)]))
+    assert torch.equal(be.col_lse(S, 3.0, f) - log_c, torch.zeros(1))
+    assert torch.equal(be.row_lse(S.T.contiguous(), 3.0, f) - log_c, torch.zeros(1))

@@ -16,6 +16,11 @@ F32, F64, F16, BF16 = C.DTYPE_F32, C.DTYPE_F64, C.DTYPE_F16, C.DTYPE_BF16
 FAKE = 1 << 20  # a non-null "device pointer"; never dereferenced by these tests
 
 
+def block(**over):
+    """The keyword arguments every primitive starts with (the same in _C_cpu)."""
+    return {"s_ptr": FAKE, "n": 3, "m": 4, "row_stride": 4, "dtype": F32, "scale": 1.0, **over}
+
+
 def test_build_info():
     info = C.build_info()
     assert info["cudart"] == "static"
@@ -24,9 +29,9 @@ def test_build_info():
 
 
 @pytest.mark.parametrize("call", [
-    lambda: C.row_lse(FAKE, 3, 4, 4, 9, 1.0, 0, FAKE, 0),
-    lambda: C.col_lse(FAKE, 3, 4, 4, 7, 1.0, 0, FAKE, 0, 1, 0),
-    lambda: C.apply_biases(FAKE, 3, 4, 4, -1, 1.0, 0, 0, 0),
+    lambda: C.row_lse(**block(dtype=9), out_ptr=FAKE),
+    lambda: C.col_lse(**block(dtype=7), out_ptr=FAKE),
+    lambda: C.apply_biases(**block(dtype=-1)),
     lambda: C.col_lse_slabs(3, 4, 5, 132),
 ])
 def test_unknown_dtype_is_a_value_error(call):
@@ -35,8 +40,7 @@ def test_unknown_dtype_is_a_value_error(call):
 
 
 def grad_args(**over):
-    args = {"s_ptr": FAKE, "n": 3, "m": 4, "row_stride": 4, "dtype": F32, "scale": 1.0,
-            "f_ptr": FAKE, "g_ptr": FAKE, "lse_row_ptr": FAKE, "lse_col_ptr": FAKE,
+    args = {**block(), "f_ptr": FAKE, "g_ptr": FAKE, "lse_row_ptr": FAKE, "lse_col_ptr": FAKE,
             "coef_row_ptr": FAKE, "coef_col_ptr": FAKE, "y_ptr": FAKE, "z_ptr": FAKE,
             "row_offset": 0, "out_ptr": 0, "out_row_stride": 0, "ds_ptr": FAKE,
             "work_ptr": FAKE, "work_capacity": C.ncl_grad_blocks(3, 4), "stream": 0}
@@ -45,19 +49,20 @@ def grad_args(**over):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: C.row_lse(FAKE, 3, 4, 2, F32, 1.0, 0, FAKE, 0), "row_stride"),
-    (lambda: C.row_lse(0, 3, 4, 4, F32, 1.0, 0, FAKE, 0), "null scores"),
-    (lambda: C.row_lse(FAKE, 3, 4, 4, F32, 1.0, 0, 0, 0), "null output"),
-    (lambda: C.row_lse(FAKE, -1, 4, 4, F32, 1.0, 0, FAKE, 0), "negative"),
-    (lambda: C.col_lse(FAKE, 3, 4, 4, F32, 1.0, 0, 0, 0, 1, 0), "out"),
-    (lambda: C.col_lse(FAKE, 3, 4, 4, F32, 1.0, 0, FAKE, 0, 0, 0), "n_slabs"),
-    (lambda: C.col_lse(FAKE, 3, 4, 4, F32, 1.0, 0, FAKE, 0, 2, 0), "work"),
+    (lambda: C.row_lse(**block(row_stride=2), out_ptr=FAKE), "row_stride"),
+    (lambda: C.row_lse(**block(s_ptr=0), out_ptr=FAKE), "null scores"),
+    (lambda: C.row_lse(**block(), out_ptr=0), "null output"),
+    (lambda: C.row_lse(**block(n=-1), out_ptr=FAKE), "negative"),
+    (lambda: C.col_lse(**block(), out_ptr=0), "out"),
+    (lambda: C.col_lse(**block(), out_ptr=FAKE, n_slabs=0), "n_slabs"),
+    (lambda: C.col_lse(**block(), out_ptr=FAKE, n_slabs=2), "work"),
     (lambda: C.ncl_grad(**grad_args(g_ptr=0)), "g"),
     (lambda: C.ncl_grad(**grad_args(z_ptr=0)), "z"),
     (lambda: C.ncl_grad(**grad_args(ds_ptr=0)), "ds"),
     (lambda: C.ncl_grad(**grad_args(work_capacity=0)), "work_capacity"),
     (lambda: C.ncl_grad(**grad_args(out_ptr=FAKE, out_row_stride=3)), "out_row_stride"),
-    (lambda: C.apply_biases(FAKE, 3, 4, 1, F32, 1.0, 0, 0, 0), "row_stride"),
+    (lambda: C.apply_biases(**block(row_stride=1)), "row_stride"),
+    (lambda: C.row_lse(**block(), out_ptr=FAKE, sum_ptr=FAKE), "sum_ptr"),
 ])
 def test_bad_arguments_are_value_errors_before_any_launch(call, match):
     with pytest.raises(ValueError, match=match):
@@ -66,10 +71,10 @@ def test_bad_arguments_are_value_errors_before_any_launch(call, match):
 
 @pytest.mark.skipif(C.device_count() > 0, reason="checks the no-device error path")
 @pytest.mark.parametrize("name, call", [
-    ("row_lse_cuda", lambda: C.row_lse(FAKE, 3, 4, 4, F32, 1.0, 0, FAKE, 0)),
-    ("col_lse_cuda", lambda: C.col_lse(FAKE, 3, 4, 4, BF16, 1.0, 0, FAKE, 0, 1, 0)),
+    ("row_lse_cuda", lambda: C.row_lse(**block(), out_ptr=FAKE)),
+    ("col_lse_cuda", lambda: C.col_lse(**block(dtype=BF16), out_ptr=FAKE)),
     ("ncl_grad_cuda", lambda: C.ncl_grad(**grad_args())),
-    ("apply_biases_cuda", lambda: C.apply_biases(FAKE, 3, 4, 4, F16, 1.0, 0, 0, 0)),
+    ("apply_biases_cuda", lambda: C.apply_biases(**block(dtype=F16))),
 ])
 def test_launch_without_a_device_raises_runtime_error(name, call):
     with pytest.raises(RuntimeError, match=name):
@@ -78,9 +83,9 @@ def test_launch_without_a_device_raises_runtime_error(name, call):
 
 def test_empty_blocks_launch_nothing():
     # nothing to reduce or write: no launch, so no error even without a device
-    C.row_lse(0, 0, 4, 4, F32, 1.0, 0, 0, 0)
-    C.col_lse(0, 3, 0, 0, F32, 1.0, 0, 0, 0, 1, 0)
-    C.apply_biases(0, 0, 4, 4, F32, 1.0, 0, 0, 0)
+    C.row_lse(**block(s_ptr=0, n=0), out_ptr=0)
+    C.col_lse(**block(s_ptr=0, m=0, row_stride=0), out_ptr=0)
+    C.apply_biases(**block(s_ptr=0, n=0))
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, F16, BF16])

@@ -108,7 +108,7 @@ def emu(request):
     backend = EmulatedCudaBackend(_build())
     # the slab policy wants the SM count of a device: take an H200's
     patch = pytest.MonkeyPatch()
-    patch.setattr(cuda_backend, "_sm_count", lambda device: 132)
+    patch.setattr(cuda_backend._native, "sm_count", lambda device: 132)
     request.addfinalizer(patch.undo)
     with registered_backend("cuda_emulated", backend, kernels=registry.SPECS["cuda"].kernels):
         yield backend
@@ -277,8 +277,9 @@ def test_col_lse_many_slabs_matches_one_slab(emu):
     for slabs in (1, 7, 31):
         out = torch.empty(45)
         work = torch.empty(2 * slabs * 45)
-        C.col_lse(S.data_ptr(), 2000, 45, 45, C.DTYPE_F32, 7.0, f.data_ptr(), out.data_ptr(),
-                  work.data_ptr(), slabs, 0)
+        C.col_lse(s_ptr=S.data_ptr(), n=2000, m=45, row_stride=45, dtype=C.DTYPE_F32,
+                  scale=7.0, f_ptr=f.data_ptr(), out_ptr=out.data_ptr(),
+                  work_ptr=work.data_ptr(), n_slabs=slabs)
         outs.append(out)
     assert C.col_lse_slabs(2000, 45, C.DTYPE_F32, 132) > 1
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=0)
@@ -291,8 +292,8 @@ def test_launch_limits_are_errors(emu):
     S, out = torch.zeros(100000, 1), torch.empty(1)
     work = torch.empty(2 * 70000)
     with pytest.raises(RuntimeError, match="col_lse_cuda"):  # 70000 slabs: gridDim.y > 65535
-        C.col_lse(S.data_ptr(), 100000, 1, 1, C.DTYPE_F32, 1.0, 0, out.data_ptr(),
-                  work.data_ptr(), 70000, 0)
+        C.col_lse(s_ptr=S.data_ptr(), n=100000, m=1, row_stride=1, dtype=C.DTYPE_F32,
+                  scale=1.0, out_ptr=out.data_ptr(), work_ptr=work.data_ptr(), n_slabs=70000)
 
 
 if __name__ == "__main__":  # pragma: no cover

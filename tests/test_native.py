@@ -14,6 +14,13 @@ from ncl_kernels import _C_cpu
 from ncl_kernels.backends.cpu import CpuBackend
 
 
+def block(S, **over):
+    """The keyword arguments every primitive starts with (the same in _C_cuda)."""
+    n, m = S.shape
+    return {"s_ptr": S.data_ptr(), "n": n, "m": m, "row_stride": m, "dtype": 0, "scale": 1.0,
+            **over}
+
+
 def test_build_info_and_dtype_codes():
     info = _C_cpu.build_info()
     assert {"version", "compiler", "openmp"} <= set(info)
@@ -24,9 +31,11 @@ def test_binding_refuses_bad_arguments():
     S = torch.zeros(3, 4)
     out = torch.empty(3)
     with pytest.raises(ValueError, match="dtype"):
-        _C_cpu.row_lse(S.data_ptr(), 3, 4, 4, 9, 1.0, 0, out.data_ptr(), 1)
+        _C_cpu.row_lse(**block(S, dtype=9), out_ptr=out.data_ptr())
     with pytest.raises(ValueError, match="row_stride"):
-        _C_cpu.row_lse(S.data_ptr(), 3, 4, 2, 0, 1.0, 0, out.data_ptr(), 1)
+        _C_cpu.row_lse(**block(S, row_stride=2), out_ptr=out.data_ptr())
+    with pytest.raises(TypeError):  # keyword arguments only, as in _C_cuda
+        _C_cpu.row_lse(S.data_ptr(), 3, 4, 4, 0, 1.0, 0, out.data_ptr(), 1)
 
 
 def test_new_bindings_refuse_bad_arguments():
@@ -34,25 +43,32 @@ def test_new_bindings_refuse_bad_arguments():
     v3, v4 = torch.zeros(3), torch.zeros(4)
     y = torch.zeros(3, dtype=torch.int64)
     z = torch.zeros(4, dtype=torch.int64)
+    ds = torch.full((), 7.0)
     with pytest.raises(ValueError, match="row_stride"):
-        _C_cpu.col_lse(S.data_ptr(), 3, 4, 3, 0, 1.0, 0, v4.data_ptr(), 1)
+        _C_cpu.col_lse(**block(S, row_stride=3), out_ptr=v4.data_ptr())
     with pytest.raises(ValueError, match="null output"):
-        _C_cpu.col_lse(S.data_ptr(), 3, 4, 4, 0, 1.0, 0, 0, 1)
+        _C_cpu.col_lse(**block(S), out_ptr=0)
     with pytest.raises(ValueError, match="dtype"):
-        _C_cpu.apply_biases(S.data_ptr(), 3, 4, 4, 7, 1.0, 0, 0, 1)
+        _C_cpu.apply_biases(**block(S, dtype=7))
     with pytest.raises(ValueError, match="negative shape"):
-        _C_cpu.apply_biases(S.data_ptr(), -1, 4, 4, 0, 1.0, 0, 0, 1)
-    ptrs = [v3.data_ptr(), v4.data_ptr(), v3.data_ptr(), v4.data_ptr(), v3.data_ptr(),
-            v4.data_ptr(), y.data_ptr(), z.data_ptr()]
-    for k, what in enumerate(["f", "g", "lse_row", "lse_col", "coef_row", "coef_col", "y", "z"]):
-        bad = list(ptrs)
-        bad[k] = 0
+        _C_cpu.apply_biases(**block(S, n=-1))
+    names = ["f", "g", "lse_row", "lse_col", "coef_row", "coef_col", "y", "z", "ds"]
+    ptrs = dict(zip([k + "_ptr" for k in names],
+                    [v3.data_ptr(), v4.data_ptr(), v3.data_ptr(), v4.data_ptr(), v3.data_ptr(),
+                     v4.data_ptr(), y.data_ptr(), z.data_ptr(), ds.data_ptr()]))
+    for what in names:
         with pytest.raises(ValueError, match=f"null {what} pointer"):
-            _C_cpu.ncl_grad(S.data_ptr(), 3, 4, 4, 0, 1.0, *bad, 0, 0, 0, 1)
+            _C_cpu.ncl_grad(**block(S), **dict(ptrs, **{what + "_ptr": 0}))
     with pytest.raises(ValueError, match="out_row_stride"):
-        _C_cpu.ncl_grad(S.data_ptr(), 3, 4, 4, 0, 1.0, *ptrs, 0, S.data_ptr(), 2, 1)
-    # the valid call works and returns dscale as a float
-    assert isinstance(_C_cpu.ncl_grad(S.data_ptr(), 3, 4, 4, 0, 1.0, *ptrs, 0, 0, 0, 1), float)
+        _C_cpu.ncl_grad(**block(S), **ptrs, out_ptr=S.data_ptr(), out_row_stride=2)
+    for what in ["g", "log_r", "f", "lse_row", "col_max"]:
+        step = {"g_ptr": v4.data_ptr(), "log_r_ptr": v3.data_ptr(), "f_ptr": v3.data_ptr(),
+                "lse_row_ptr": v3.data_ptr(), "col_max_ptr": v4.data_ptr()}
+        with pytest.raises(ValueError, match=f"null {what} pointer"):
+            _C_cpu.sinkhorn_step(**block(S), **dict(step, **{what + "_ptr": 0}))
+    # the valid call works and writes dscale (0 for S = 0) as one accumulator value
+    assert _C_cpu.ncl_grad(**block(S), **ptrs) is None
+    assert float(ds) == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

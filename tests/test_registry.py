@@ -15,9 +15,9 @@ import torch
 import ncl_kernels as nk
 import python_ref as ref
 from ncl_kernels import _library
-from ncl_kernels.backends import chunked, get, registry
+from ncl_kernels.backends import derived, get, registry
 from ncl_kernels.backends.cpu import CpuBackend
-from ncl_kernels.backends.spec import ALL, DERIVED, FLOAT, PRIMITIVES
+from ncl_kernels.backends.spec import ALL, DERIVED, DERIVED_FROM, FLOAT, PRIMITIVES
 from ncl_kernels.backends.torch import TorchBackend
 
 from conftest import (
@@ -32,8 +32,8 @@ from conftest import (
 )
 
 CPU_USABLE = nk.backends()["cpu"]["usable"]
-DENSE = ("row_lse", "col_lse", "ncl_grad_", "apply_biases_")
-STREAMING = ("row_lse_xy", "col_lse_xy", "ncl_grad_xy")
+DENSE = ("row_lse", "col_lse", "ncl_grad_", "apply_biases_", "sinkhorn_step")
+STREAMING = ("row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy")
 
 
 # ---------------------------------------------------------------- declarations
@@ -45,7 +45,7 @@ def test_every_backend_declares_every_primitive():
             # DERIVED, or the dtypes it runs itself (empty: it delegates them all)
             assert entry == DERIVED or set(entry) <= ALL, (name, prim, entry)
             if entry == DERIVED:
-                assert prim in STREAMING, f"{name}: only streaming primitives are derived"
+                assert prim in DERIVED_FROM, f"{name}: {prim} has no derivation"
 
 
 def test_declared_kernels_exist_on_the_kernel_objects():
@@ -117,7 +117,8 @@ def test_routes_with_both_kernels(usable):
     usable(("cuda", "triton"))
     assert fast_routes() == {
         "row_lse": "triton", "col_lse": "cuda", "ncl_grad_": "cuda", "apply_biases_": "cuda",
-        "row_lse_xy": "triton", "col_lse_xy": "triton", "ncl_grad_xy": "cuda"}
+        "sinkhorn_step": "cuda", "row_lse_xy": "triton", "col_lse_xy": "triton",
+        "ncl_grad_xy": "cuda", "sinkhorn_step_xy": "triton"}
 
 
 def test_routes_with_cuda_only(usable):
@@ -130,8 +131,8 @@ def test_routes_with_triton_only(usable):
     usable(("triton",))
     assert fast_routes() == {
         "row_lse": "triton", "col_lse": "triton", "ncl_grad_": "triton",
-        "apply_biases_": "triton", "row_lse_xy": "triton", "col_lse_xy": "triton",
-        "ncl_grad_xy": "torch"}
+        "apply_biases_": "triton", "sinkhorn_step": "triton", "row_lse_xy": "triton",
+        "col_lse_xy": "triton", "ncl_grad_xy": "torch", "sinkhorn_step_xy": "triton"}
 
 
 def test_routes_with_neither(usable):
@@ -150,7 +151,14 @@ def test_a_named_backend_delegates_what_it_does_not_run(usable):
     # Triton runs no float64: the registry hands it to its fallback, torch
     usable(("triton",))
     for prim in PRIMITIVES:
-        assert registry.chosen("triton", prim, "cuda", torch.float64) == "torch"
+        wide = registry.chosen("triton", prim, "cuda", torch.float64)
+        if registry.SPECS["triton"].kernels[prim] == DERIVED:
+            # Triton's derived step: its parts are what "triton" resolves, torch for float64
+            assert wide == "triton"
+            assert {registry.chosen("triton", part, "cuda", torch.float64)
+                    for part in DERIVED_FROM[prim]} == {"torch"}
+        else:
+            assert wide == "torch"
         assert registry.chosen("triton", prim, "cuda", torch.bfloat16) == "triton"
 
 
@@ -238,17 +246,19 @@ class WithStreaming(TorchBackend):
     """The torch backend with streaming methods of its own (a Triton-like stand-in)."""
 
     def row_lse_xy(self, X, Y, scale, g=None):
-        return chunked.row_lse_xy(self.row_lse, X, Y, scale, g)
+        return derived.row_lse_xy(self.row_lse, X, Y, scale, g)
 
     def col_lse_xy(self, X, Y, scale, f=None):
-        return chunked.col_lse_xy(self.row_lse, X, Y, scale, f)
+        return derived.col_lse_xy(self.row_lse, X, Y, scale, f)
 
     def ncl_grad_xy(self, *args, **kwargs):
-        return chunked.ncl_grad_xy(self.ncl_grad_, *args, **kwargs)
+        return derived.ncl_grad_xy(self.ncl_grad_, *args, **kwargs)
 
 
-CUDA_LIKE = {**{p: ALL for p in DENSE}, **{p: DERIVED for p in STREAMING}}
-TRITON_LIKE = {p: FLOAT for p in PRIMITIVES}
+CUDA_LIKE = {**{p: ALL for p in DENSE}, **{p: DERIVED for p in STREAMING},
+             "sinkhorn_step": DERIVED}
+TRITON_LIKE = {**{p: FLOAT for p in PRIMITIVES}, "sinkhorn_step": DERIVED,
+               "sinkhorn_step_xy": DERIVED}
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +336,7 @@ def test_one_by_one_gradient_is_exactly_zero_across_parts(mixed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_streaming_through_the_mix(mixed, monkeypatch, dtype):
-    monkeypatch.setattr(chunked, "CHUNK_ELEMS", 8 * 45)  # chunks of 8 rows: row offsets
+    monkeypatch.setattr(derived, "CHUNK_ELEMS", 8 * 45)  # chunks of 8 rows: row offsets
     x, y = random_embeddings(60, 45, 16, dtype, seed=4)
     X, Y = x.clone().requires_grad_(), y.clone().requires_grad_()
     loss = nk.ncl_loss_embeddings(X, Y, 20.0)

@@ -139,50 +139,6 @@ NCL_HD void store_acc(double v, double* p) { *p = v; }
 NCL_HD void store_acc(float v, bf16_t* p) { *p = to_bf16(v); }
 NCL_HD void store_acc(float v, f16_t* p) { *p = to_f16(v); }
 
-// exp(x) for float, branch-free so that loops over it vectorize (the CPU kernels rely on
-// this: one portable source becomes SSE2, AVX2 or AVX-512 code by compiler flags alone;
-// no -ffast-math, which would assume away the -inf masks).
-//
-// Cody-Waite reduction x = k ln2 + r (|r| <= ln2/2) and the Cephes degree-7 polynomial
-// for exp(r): within 1 ulp of exp over the normal range (checked over a dense sample of
-// floats, with and without FMA). Rules that matter to callers:
-// x < -104 (including -inf) gives exactly 0 (exp(-104) is below half the smallest
-// subnormal); results in the subnormal range are rounded once; x > 88.7 saturates at
-// exp(88.7) ~ 3.3e38 instead of inf; NaN gives NaN (the comparisons below keep it).
-// a * b + c, fused where the target has FMA (one rounding; faster in the polynomial below)
-// and as two roundings elsewhere; the CPU builds never contract a * b + c on their own.
-NCL_HD float fmadd(float a, float b, float c) {
-#if defined(__CUDA_ARCH__) || defined(__FMA__)
-  return fmaf(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-NCL_HD float exp_poly(float x) {
-  float xc = x < -104.0f ? -104.0f : x;  // NaN compares false and passes through
-  xc = xc > 88.7f ? 88.7f : xc;
-  // k = round(x / ln2) by the 1.5 * 2^23 trick (valid for |k| < 2^22, round-to-nearest)
-  const float magic = 12582912.0f;
-  const float k = fmadd(xc, 1.44269504088896341f, magic) - magic;
-  // k * 0.693359375 is exact, so the first step is exact with or without FMA
-  const float r = fmadd(k, 2.12194440e-4f, fmadd(k, -0.693359375f, xc));
-  float p = 1.9875691500e-4f;
-  p = fmadd(p, r, 1.3981999507e-3f);
-  p = fmadd(p, r, 8.3334519073e-3f);
-  p = fmadd(p, r, 4.1665795894e-2f);
-  p = fmadd(p, r, 1.6666665459e-1f);
-  p = fmadd(p, r, 5.0000001201e-1f);
-  p = fmadd(p * r, r, r) + 1.0f;
-  // 2^k as two normal powers of two (k reaches -150, below the normal exponent range), so
-  // a subnormal result is rounded only by the last multiplication
-  const int32_t ki = int32_t(k);
-  const int32_t k1 = ki >> 1, k2 = ki - k1;
-  const float e = p * bits_as_float(uint32_t(k1 + 127) << 23) *
-                  bits_as_float(uint32_t(k2 + 127) << 23);
-  return x < -104.0f ? 0.0f : e;
-}
-
 NCL_HD float to_float(float x) { return x; }
 NCL_HD double to_float(double x) { return x; }  // "accumulator type" for F64
 
@@ -241,21 +197,12 @@ NCL_HD T ncl_grad_elem(T l, T f_i, T g_j, T lse_row_i, T lse_col_j, bool j_is_y_
   return crow * (p_row - (j_is_y_i ? T(1) : T(0))) + ccol * (p_col - (i_is_z_j ? T(1) : T(0)));
 }
 
-// The same gradient element in the form the CPU kernels vectorize (no branch per
-// element): the LSEs come negated, with -LSE = -inf standing for exp_diff's rule (an LSE of
-// -inf means probability 0), see neg_lse. Then exp_fn((l + g_j) + nlse_row_i) equals
-// exp_diff(l + g_j, lse_row_i) exactly: a - b and a + (-b) round alike. The indicator terms
-// (- crow [j = y_i] - ccol [i = z_j]) are left to the caller, which knows where they fall.
-// exp_fn: the exp to use (ncl_exp, or the CPU's exp_poly).
+// -LSE for the CPU kernels' gradient (csrc/cpu/kernels_impl.h), with -inf standing for
+// exp_diff's rule (an LSE of -inf means probability 0): exp((l + g_j) + neg_lse(lse_i))
+// equals exp_diff(l + g_j, lse_i), since a - b and a + (-b) round alike.
 template <typename T>
 NCL_HD T neg_lse(T lse) {
   return lse == neg_inf<T>() ? neg_inf<T>() : -lse;
-}
-
-template <typename T, typename ExpFn>
-NCL_HD T ncl_grad_soft(T l, T f_i, T g_j, T nlse_row_i, T nlse_col_j, T crow, T ccol,
-                       ExpFn exp_fn) {
-  return crow * exp_fn((l + g_j) + nlse_row_i) + ccol * exp_fn((l + f_i) + nlse_col_j);
 }
 
 }  // namespace ncl

@@ -1,4 +1,4 @@
-// CPU primitives (see ARCHITECTURE.md "One seam, many backends").
+// CPU primitives: the seam of ncl_kernels/backends/cpu.py, over raw pointers.
 //
 // Conventions shared by every primitive:
 //   * S is an n x m block of scores, column stride 1, row stride `row_stride` (>= m),
@@ -47,10 +47,36 @@ double ncl_grad(const void* S, int64_t n, int64_t m, int64_t row_stride, int dty
                 const int64_t* y, const int64_t* z, int64_t row_offset, void* out,
                 int64_t out_row_stride, int n_threads);
 
+// One Sinkhorn iteration with one read of S: for every row
+//   lse_row[i] = log sum_j exp(scale * S[i, j] + g[j])          (finished here, std::log)
+//   f[i]       = log_r[i] - lse_row[i]   (-inf where log_r[i] = -inf: zero mass)
+// and then, with that f, for every column the state of log sum_i exp(scale * S[i, j] + f[i]):
+// col_max[j] = the max logit, col_sum[j] = sum exp(logit - max) (col_sum == nullptr:
+// col_max gets the finished LSE). The column logits are formed exactly as col_lse forms
+// them from the same f, so the result equals col_lse(S, f) up to the summation order.
+// g: m values, log_r, f, lse_row: n, col_max, col_sum: m (accumulator type).
+void sinkhorn_step(const void* S, int64_t n, int64_t m, int64_t row_stride, int dtype,
+                   double scale, const void* g, const void* log_r, void* f, void* lse_row,
+                   void* col_max, void* col_sum, int n_threads);
+
 // In place: S[i, j] <- scale * S[i, j] + f[i] + g[j] (nullptr f or g: 0), computed in float
 // (double for F64) and rounded once to the storage dtype.
 void apply_biases(void* S, int64_t n, int64_t m, int64_t row_stride, int dtype, double scale,
                   const void* f, const void* g, int n_threads);
+
+// The gradient pass uses one exponential per element where that is safe (dispatch.cpp:
+// one_exp_factors); off: always two (the tests compare both).
+bool one_exp_enabled();
+void set_one_exp(bool on);
+
+// out[k] = exp(in[k]) with the kernels' vectorized exp of the named instruction set ("" =
+// the one in use); throws std::invalid_argument if it is unknown or not available.
+void exp_f32(const float* in, float* out, int64_t n, const std::string& isa);
+// The roofs the benchmarks measure with the kernels' own loads and exp: the sum of x
+// (n floats, split over n_threads), and `reps` sweeps of sum exp(x - shift) over an
+// L1-resident x on every thread.
+double read_sum(const float* x, int64_t n, int n_threads);
+double exp_sum(const float* x, int64_t n, float shift, int64_t reps, int n_threads);
 
 // Instruction sets: the one in use, and every one this build has and this CPU runs
 // ("avx512", "avx2", "generic"; best first).

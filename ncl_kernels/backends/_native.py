@@ -12,8 +12,6 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .._dtypes import acc_dtype
-
 _cache: Dict[str, Tuple[Optional[object], str]] = {}
 
 #: storage dtype -> the dtype code of csrc/common/ncl_math.h
@@ -43,24 +41,57 @@ def require(name: str):
     return module
 
 
+# -- what both compiled backends (and any other pointer-taking one) hand their kernels ---
+
 def row_stride(S: torch.Tensor) -> int:
     # a single row may carry any stride (e.g. a slice of a transpose); the kernels only
     # need one that keeps rows apart
     return S.stride(0) if S.shape[0] > 1 else S.shape[1]
 
 
-def row_lse_call(S: torch.Tensor, scale: float, g):
-    """The output buffer and the leading arguments of a compiled ``row_lse``.
+def rows_ok(t: torch.Tensor) -> bool:
+    """Unit column stride and rows that do not overlap: what the kernels can address."""
+    n, m = t.shape
+    return (m <= 1 or t.stride(1) == 1) and (n <= 1 or t.stride(0) >= m)
 
-    Both modules take ``(s_ptr, n, m, row_stride, dtype, scale, g_ptr, out_ptr, ...)``;
-    the caller appends its launch argument (thread count or stream).
-    """
-    N, M = S.shape
-    out = torch.empty(N, dtype=acc_dtype(S.dtype), device=S.device)
-    g_ptr = 0
-    if g is not None:
-        g = g.contiguous()
-        g_ptr = g.data_ptr()
-    args = (S.data_ptr(), N, M, row_stride(S), DTYPE_CODES[S.dtype], float(scale), g_ptr,
-            out.data_ptr())
-    return out, g, args
+
+def readable(S: torch.Tensor) -> torch.Tensor:
+    """S itself when the kernels can address it, else a contiguous copy (a transposed or
+    expanded view; not reachable through the validated API, whose columns have stride 1)."""
+    return S if rows_ok(S) else S.contiguous()
+
+
+def vec(v: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A contiguous vector of ``dtype`` that a kernel may read (None stays None)."""
+    return None if v is None else v.to(dtype).contiguous()
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    """A tensor's address for a kernel; 0 (the kernels' "absent") for None."""
+    return 0 if t is None else t.data_ptr()
+
+
+def block_args(S: torch.Tensor, scale: float) -> dict:
+    """The keyword arguments every primitive of ``_C_cpu`` and ``_C_cuda`` starts with."""
+    return {"s_ptr": S.data_ptr(), "n": S.shape[0], "m": S.shape[1], "row_stride": row_stride(S),
+            "dtype": DTYPE_CODES[S.dtype], "scale": float(scale)}
+
+
+def grad_target(S: torch.Tensor, out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Where a gradient kernel writes: ``out`` when it has S's dtype and an addressable
+    layout (S itself included: each element is read before it is written), else a
+    temporary that the caller copies into ``out`` afterwards."""
+    if out is None or (out.dtype == S.dtype and rows_ok(out)):
+        return out
+    return torch.empty(S.shape, dtype=S.dtype, device=S.device)
+
+
+_sm_counts: Dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (cached: the query costs a driver call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]

@@ -2,13 +2,23 @@
 
 Every dense primitive is one C++ pass over ``S`` (``csrc/cpu/kernels_impl.h``): rows are
 spread over OpenMP threads, the column pass streams ``S`` row-major in tiles of columns,
-``exp`` is a vectorized polynomial, and the kernels of the best instruction set this CPU has
-(AVX-512, AVX2 or portable) are chosen at run time. No temporary of ``S``'s size is
-allocated. Results are bitwise identical for any thread count (the work split depends on
-the shape only; partial results are merged in a fixed order).
+``exp`` is a vectorized polynomial written per instruction set (AVX-512, AVX2, portable),
+and the kernels of the best set this CPU has are chosen at run time. No temporary of
+``S``'s size is allocated. Results are bitwise identical for any thread count (the work
+split depends on the shape only; partial results are merged in a fixed order).
 
-The streaming forms are derived (``chunked.py``): ``torch.matmul`` (BLAS) computes a chunk
+The gradient pass computes one exponential per element where that is safe: the column
+probability is the row probability times ``exp(a_i + b_j)`` with per-row and per-column
+factors (``a_i = f_i + LSE_row_i``, ``b_j = -g_j - LSE_col_j``), used when their range
+cannot lose a significant term (else two exponentials, as the other backends always do;
+both forms meet docs/math.md section 5, tests/test_cpu_fused.py checks them against the
+oracle). Beyond the seam, :meth:`CpuBackend.sinkhorn_step` is one whole Sinkhorn
+iteration with one read of ``S`` and one exponential per element.
+
+The streaming forms are derived (``derived.py``): ``torch.matmul`` (BLAS) computes a chunk
 of rows of ``X @ Y.T`` and these dense kernels reduce it, so memory stays O(chunk x M).
+Read-only passes take any row stride, an expanded tensor included (rows the kernels cannot
+address are copied first); writing passes refuse overlapping rows before they get here.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import torch
 
 from .._dtypes import acc_dtype
 from . import _native
+from ._native import ptr, vec
 from .spec import ALL, DERIVED, BackendSpec
 
 Tensor = torch.Tensor
@@ -27,22 +38,13 @@ def status():
     return module is not None, module is not None, why
 
 
-def _vec(v: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A contiguous vector of ``dtype`` that the kernel may read (None stays None)."""
-    return None if v is None else v.to(dtype).contiguous()
-
-
-def _ptr(v: Tensor | None) -> int:
-    return 0 if v is None else v.data_ptr()
-
-
-def _unit_columns(S: Tensor) -> Tensor:
-    """S itself when the kernels can address it (column stride 1, rows apart), else a
-    contiguous copy: e.g. an expanded tensor (row stride 0), which read-only passes accept
-    (writing passes refuse it before they get here)."""
-    n, m = S.shape
-    ok = (m <= 1 or S.stride(1) == 1) and (n <= 1 or S.stride(0) >= m)
-    return S if ok else S.contiguous()
+def _finish(state: Tensor) -> Tensor:
+    # The kernel returns the online state (max, sum); finishing it with torch.log, the log
+    # the Sinkhorn driver applies to the masses, makes log(c) - LSE cancel exactly where it
+    # should (a single column: the sum is then a count) rather than differ by one ulp
+    # between two libms. Where the sum is 0 the max is -inf, and -inf + log(0) = -inf.
+    top, total = state
+    return top.add_(total.log_())
 
 
 class CpuBackend:
@@ -51,59 +53,70 @@ class CpuBackend:
     def __init__(self):
         self._C = _native.require("_C_cpu")
 
-    def _head(self, S: Tensor, scale: float):
-        return (S.data_ptr(), S.shape[0], S.shape[1], _native.row_stride(S),
-                _native.DTYPE_CODES[S.dtype], float(scale))
-
-    def _lse(self, fn, S: Tensor, scale: float, vec: Tensor | None, length: int) -> Tensor:
-        # The kernel returns the online state (max, sum); finishing it with torch.log, the
-        # log the Sinkhorn driver applies to the masses, makes log(c) - LSE cancel exactly
-        # where it should (a single column) rather than differ by one ulp between libms.
-        # Where the sum is 0 the max is -inf, and -inf + log(0) = -inf.
+    def _lse(self, fn, S: Tensor, scale: float, length: int, **vecs) -> Tensor:
         state = torch.empty(2, length, dtype=acc_dtype(S.dtype))
-        fn(*self._head(S, scale), _ptr(vec), state[0].data_ptr(), torch.get_num_threads(),
-           state[1].data_ptr())
-        top, total = state
-        return top.add_(total.log_())
+        fn(**_native.block_args(S, scale), **vecs, out_ptr=state[0].data_ptr(),
+           sum_ptr=state[1].data_ptr(), n_threads=torch.get_num_threads())
+        return _finish(state)
 
     def row_lse(self, S: Tensor, scale: float, g: Tensor | None = None) -> Tensor:
-        S = _unit_columns(S)
-        return self._lse(self._C.row_lse, S, scale, _vec(g, acc_dtype(S.dtype)), S.shape[0])
+        S = _native.readable(S)
+        g = vec(g, acc_dtype(S.dtype))
+        return self._lse(self._C.row_lse, S, scale, S.shape[0], g_ptr=ptr(g))
 
     def col_lse(self, S: Tensor, scale: float, f: Tensor | None = None) -> Tensor:
-        S = _unit_columns(S)
-        return self._lse(self._C.col_lse, S, scale, _vec(f, acc_dtype(S.dtype)), S.shape[1])
+        S = _native.readable(S)
+        f = vec(f, acc_dtype(S.dtype))
+        return self._lse(self._C.col_lse, S, scale, S.shape[1], f_ptr=ptr(f))
+
+    def sinkhorn_step(self, S: Tensor, scale: float, g: Tensor, log_r: Tensor):
+        """One Sinkhorn iteration with one read of ``S``: ``(f, lse_row, lse_col)``.
+
+        ``lse_row = LSE_row(g)``, ``f = log_r - lse_row`` (``-inf`` where ``log_r`` is
+        ``-inf``, i.e. zero mass), ``lse_col = LSE_col(f)``: what ``row_lse``, the
+        potential update and ``col_lse`` give in turn, up to the last bits (the row LSE is
+        finished with the C++ log, the column LSE with torch.log). ``g`` and ``log_r`` are
+        in the accumulation dtype.
+        """
+        S = _native.readable(S)
+        acc = acc_dtype(S.dtype)
+        N, M = S.shape
+        g, log_r = vec(g, acc), vec(log_r, acc)
+        f = torch.empty(N, dtype=acc)
+        lse_row = torch.empty(N, dtype=acc)
+        col = torch.empty(2, M, dtype=acc)
+        self._C.sinkhorn_step(**_native.block_args(S, scale), g_ptr=g.data_ptr(),
+                              log_r_ptr=log_r.data_ptr(), f_ptr=f.data_ptr(),
+                              lse_row_ptr=lse_row.data_ptr(), col_max_ptr=col[0].data_ptr(),
+                              col_sum_ptr=col[1].data_ptr(), n_threads=torch.get_num_threads())
+        return f, lse_row, _finish(col)
 
     def ncl_grad_(self, S, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
                   out=None, row_offset=0):
         acc = acc_dtype(S.dtype)
-        S_in = S
-        S = _unit_columns(S)
-        vecs = [_vec(v, acc) for v in (f, g, lse_row, lse_col, coef_row, coef_col)]
-        y, z = _vec(y, torch.int64), _vec(z, torch.int64)
-        # write straight into `out` when it is S itself or has the kernel's layout;
-        # otherwise into a buffer that is copied over (e.g. a transposed view)
-        target = out
-        if out is not None and out is not S_in:
-            if out.dtype != S.dtype or (out.shape[1] > 1 and out.stride(1) != 1):
-                target = torch.empty(S.shape, dtype=S.dtype)
-        elif out is S_in and S is not S_in:
-            target = S  # S was made contiguous: write there, copy back below
-        ds = self._C.ncl_grad(*self._head(S, scale), *map(_ptr, vecs), _ptr(y), _ptr(z),
-                              int(row_offset), _ptr(target),
-                              0 if target is None else _native.row_stride(target),
-                              torch.get_num_threads())
+        S = _native.readable(S)
+        target = _native.grad_target(S, out)
+        # the converted vectors must stay alive through the call: bind them to names
+        vecs = [vec(v, acc) for v in (f, g, lse_row, lse_col, coef_row, coef_col)]
+        y, z = vec(y, torch.int64), vec(z, torch.int64)
+        names = ("f_ptr", "g_ptr", "lse_row_ptr", "lse_col_ptr", "coef_row_ptr", "coef_col_ptr")
+        ds = torch.empty((), dtype=acc)
+        self._C.ncl_grad(**_native.block_args(S, scale), **dict(zip(names, map(ptr, vecs))),
+                         y_ptr=ptr(y), z_ptr=ptr(z), ds_ptr=ds.data_ptr(),
+                         row_offset=int(row_offset), out_ptr=ptr(target),
+                         out_row_stride=0 if target is None else _native.row_stride(target),
+                         n_threads=torch.get_num_threads())
         if target is not out:
             out.copy_(target)
-        return torch.tensor(ds, dtype=acc)
+        return ds
 
     def apply_biases_(self, S: Tensor, scale: float, f: Tensor | None,
                       g: Tensor | None) -> Tensor:
         acc = acc_dtype(S.dtype)
-        work = _unit_columns(S)
-        f, g = _vec(f, acc), _vec(g, acc)
-        self._C.apply_biases(*self._head(work, scale), _ptr(f), _ptr(g),
-                             torch.get_num_threads())
+        work = _native.readable(S)
+        f, g = vec(f, acc), vec(g, acc)
+        self._C.apply_biases(**_native.block_args(work, scale), f_ptr=ptr(f), g_ptr=ptr(g),
+                             n_threads=torch.get_num_threads())
         if work is not S:
             S.copy_(work)
         return S
@@ -115,6 +128,7 @@ SPEC = BackendSpec(
     status=status,
     factory=CpuBackend,
     kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
-             "row_lse_xy": DERIVED, "col_lse_xy": DERIVED, "ncl_grad_xy": DERIVED},
+             "sinkhorn_step": ALL, "row_lse_xy": DERIVED, "col_lse_xy": DERIVED,
+             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED},
     build="C++17/OpenMP module ncl_kernels._C_cpu (csrc/cpu), always built by pip install",
 )

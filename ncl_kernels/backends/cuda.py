@@ -3,7 +3,7 @@
 Every dense primitive has a kernel (``csrc/cuda/``): ``row_lse``, ``col_lse`` (two-stage
 over row slabs when M is small), ``ncl_grad_`` (in place or not; the dscale sum is
 reduced deterministically, without atomics) and ``apply_biases_``. The streaming
-primitives are derived from these (``chunked.py``: cuBLAS products of chunks of rows). Nothing here
+primitives are derived from these (``derived.py``: cuBLAS products of chunks of rows). Nothing here
 synchronizes the device: work buffers are allocated with PyTorch's caching allocator on
 the current stream, so freeing them on return is stream-ordered and safe.
 
@@ -20,11 +20,10 @@ import torch
 
 from .._dtypes import acc_dtype
 from . import _native
+from ._native import ptr, readable, vec
 from .spec import ALL, DERIVED, BackendSpec
 
 Tensor = torch.Tensor
-
-_sm_counts: dict[int, int] = {}
 
 
 def status():
@@ -36,34 +35,6 @@ def status():
     if module.device_count() == 0:
         return True, False, "the CUDA runtime finds no device"
     return True, True, ""
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
-
-
-def _vec(v: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A contiguous copy-if-needed of a per-row/per-column vector in ``dtype``."""
-    return None if v is None else v.to(dtype).contiguous()
-
-
-def _ptr(t: Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
-
-
-def _rows_ok(t: Tensor) -> bool:
-    """Unit column stride and rows that do not overlap: what the kernels can address."""
-    n, m = t.shape
-    return (m <= 1 or t.stride(1) == 1) and (n <= 1 or t.stride(0) >= m)
-
-
-def _readable(S: Tensor) -> Tensor:
-    """S itself when the kernels can address it, else a contiguous copy (e.g. an expanded
-    tensor with row stride 0)."""
-    return S if _rows_ok(S) else S.contiguous()
 
 
 class CudaBackend:
@@ -80,25 +51,28 @@ class CudaBackend:
             yield torch.cuda.current_stream(t.device).cuda_stream
 
     def row_lse(self, S: Tensor, scale: float, g: Tensor | None = None) -> Tensor:
-        S = _readable(S)
-        out, _g_alive, args = _native.row_lse_call(S, scale, g)
+        S = readable(S)
+        acc = acc_dtype(S.dtype)
+        out = torch.empty(S.shape[0], dtype=acc, device=S.device)
+        g = vec(g, acc)
         with self._on(S) as stream:
-            self._C.row_lse(*args, stream)
+            self._C.row_lse(**_native.block_args(S, scale), g_ptr=ptr(g), out_ptr=out.data_ptr(),
+                            stream=stream)
         return out
 
     def col_lse(self, S: Tensor, scale: float, f: Tensor | None = None) -> Tensor:
-        S = _readable(S)
+        S = readable(S)
         N, M = S.shape
         acc = acc_dtype(S.dtype)
-        code = _native.DTYPE_CODES[S.dtype]
         out = torch.empty(M, dtype=acc, device=S.device)
-        f = _vec(f, acc)
-        slabs = self._C.col_lse_slabs(N, M, code, _sm_count(S.device))
+        f = vec(f, acc)
+        slabs = self._C.col_lse_slabs(N, M, _native.DTYPE_CODES[S.dtype],
+                                      _native.sm_count(S.device))
         # per-slab partial (max, sum) of every column; freed on return (stream-ordered)
         work = torch.empty(2 * slabs * M, dtype=acc, device=S.device) if slabs > 1 else None
         with self._on(S) as stream:
-            self._C.col_lse(S.data_ptr(), N, M, _native.row_stride(S), code, float(scale),
-                            _ptr(f), out.data_ptr(), _ptr(work), slabs, stream)
+            self._C.col_lse(**_native.block_args(S, scale), f_ptr=ptr(f), out_ptr=out.data_ptr(),
+                            stream=stream, work_ptr=ptr(work), n_slabs=slabs)
         return out
 
     def ncl_grad_(self, S, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
@@ -106,45 +80,36 @@ class CudaBackend:
         N, M = S.shape
         acc = acc_dtype(S.dtype)
         # the kernel reads f and g unconditionally: zeros stand in for missing ones
-        f = _vec(f, acc) if f is not None else torch.zeros(N, dtype=acc, device=S.device)
-        g = _vec(g, acc) if g is not None else torch.zeros(M, dtype=acc, device=S.device)
-        lse_row, lse_col = _vec(lse_row, acc), _vec(lse_col, acc)
-        coef_row, coef_col = _vec(coef_row, acc), _vec(coef_col, acc)
-        y, z = y.to(torch.int64).contiguous(), z.to(torch.int64).contiguous()
-
-        # The kernel writes S's dtype into rows it can address, either S itself (each
-        # element is read before it is written) or a block that does not overlap S.
-        # Anything else gets a temporary that is copied over afterwards.
-        target = out
-        S = _readable(S)  # a copy only if S's rows overlap; then out (if S) gets a temporary
-        if out is not None and not (out.dtype == S.dtype and _rows_ok(out)):
-            target = torch.empty(S.shape, dtype=S.dtype, device=S.device)
+        f = vec(f, acc) if f is not None else torch.zeros(N, dtype=acc, device=S.device)
+        g = vec(g, acc) if g is not None else torch.zeros(M, dtype=acc, device=S.device)
+        vecs = (f, g, vec(lse_row, acc), vec(lse_col, acc), vec(coef_row, acc),
+                vec(coef_col, acc), vec(y, torch.int64), vec(z, torch.int64))
+        names = ("f_ptr", "g_ptr", "lse_row_ptr", "lse_col_ptr", "coef_row_ptr", "coef_col_ptr",
+                 "y_ptr", "z_ptr")
+        S = readable(S)  # a copy only if S's rows overlap; then out (if S) gets a temporary
+        target = _native.grad_target(S, out)
         ds = torch.empty((), dtype=acc, device=S.device)
         blocks = self._C.ncl_grad_blocks(N, M)
         work = torch.empty(blocks, dtype=acc, device=S.device)  # per-block partial sums
         with self._on(S) as stream:
-            self._C.ncl_grad(S.data_ptr(), N, M, _native.row_stride(S),
-                             _native.DTYPE_CODES[S.dtype], float(scale), f.data_ptr(),
-                             g.data_ptr(), lse_row.data_ptr(), lse_col.data_ptr(),
-                             coef_row.data_ptr(), coef_col.data_ptr(), y.data_ptr(),
-                             z.data_ptr(), int(row_offset), _ptr(target),
-                             0 if target is None else _native.row_stride(target),
-                             ds.data_ptr(), work.data_ptr(), blocks, stream)
+            self._C.ncl_grad(**_native.block_args(S, scale), **dict(zip(names, map(ptr, vecs))),
+                             ds_ptr=ds.data_ptr(), row_offset=int(row_offset),
+                             out_ptr=ptr(target),
+                             out_row_stride=0 if target is None else _native.row_stride(target),
+                             stream=stream, work_ptr=work.data_ptr(), work_capacity=blocks)
         if target is not out:
             out.copy_(target)
         return ds
 
     def apply_biases_(self, S, scale, f=None, g=None):
-        if not _rows_ok(S):  # the validation layer refuses such writes before this
+        if not _native.rows_ok(S):  # the validation layer refuses such writes before this
             raise ValueError("apply_biases_ cannot write rows that overlap (row stride "
                              f"{S.stride(0)} < {S.shape[1]} columns)")
-        N, M = S.shape
         acc = acc_dtype(S.dtype)
-        f, g = _vec(f, acc), _vec(g, acc)
+        f, g = vec(f, acc), vec(g, acc)
         with self._on(S) as stream:
-            self._C.apply_biases(S.data_ptr(), N, M, _native.row_stride(S),
-                                 _native.DTYPE_CODES[S.dtype], float(scale), _ptr(f), _ptr(g),
-                                 stream)
+            self._C.apply_biases(**_native.block_args(S, scale), f_ptr=ptr(f), g_ptr=ptr(g),
+                                 stream=stream)
         return S
 
 
@@ -154,7 +119,8 @@ SPEC = BackendSpec(
     status=status,
     factory=CudaBackend,
     kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
-             "row_lse_xy": DERIVED, "col_lse_xy": DERIVED, "ncl_grad_xy": DERIVED},
+             "sinkhorn_step": DERIVED, "row_lse_xy": DERIVED, "col_lse_xy": DERIVED,
+             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED},
     build="CUDA module ncl_kernels._C_cuda (csrc/cuda), built by pip install when nvcc is "
           "found (NCL_CUDA=AUTO|ON|OFF)",
 )

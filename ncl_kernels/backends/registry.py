@@ -11,7 +11,7 @@ primitive); :data:`SPECS` lists them. Everything else is derived here:
   backend hands float64 to ``torch``); for ``"auto"`` it is :data:`ROUTES` (the
   measured preference per device type and primitive);
 * streaming primitives a backend marks :data:`DERIVED`: its own dense kernel on chunks of
-  rows of ``X @ Y.T`` (:mod:`.chunked`);
+  rows of ``X @ Y.T`` (:mod:`.derived`);
 * the report of :func:`ncl_kernels.backends` and the checks that name a backend which is
   not usable (:func:`check`).
 
@@ -28,8 +28,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import chunked
-from .spec import DENSE_OF, DERIVED, PRIMITIVES, BackendSpec
+from . import derived
+from .spec import DERIVED, DERIVED_FROM, PRIMITIVES, BackendSpec
 
 # ``auto``: per device type and primitive, the backends fastest first (bench/RESULTS.md,
 # GPU run G1 on an H200 for CUDA tensors; the CPU runs for CPU tensors); the first usable
@@ -43,6 +43,9 @@ from .spec import DENSE_OF, DERIVED, PRIMITIVES, BackendSpec
 ROUTES: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cpu": {p: ("cpu", "torch") for p in PRIMITIVES},
     "cuda": {
+        # a step no GPU backend fuses (yet): derived from the row and column routes below
+        "sinkhorn_step": ("cuda", "triton", "torch"),
+        "sinkhorn_step_xy": ("triton", "cuda", "torch"),
         "row_lse": ("triton", "cuda", "torch"),
         "col_lse": ("cuda", "triton", "torch"),
         "ncl_grad_": ("cuda", "triton", "torch"),
@@ -198,13 +201,16 @@ def candidates(name: str, device_type: str, primitive: str, dtype: torch.dtype
     return tuple(chain)
 
 
-def _kernel_in(backend: str, primitive: str, dtype: torch.dtype) -> Optional[Callable]:
-    """``backend``'s own kernel for (primitive, dtype), derived or native, or None."""
+def _kernel_in(name: str, backend: str, primitive: str, dtype: torch.dtype,
+               device_type: str) -> Optional[Callable]:
+    """``backend``'s own kernel for (primitive, dtype), or for a primitive it derives, the
+    derivation over what ``name`` resolves for its parts (``auto``'s derived step runs
+    ``auto``'s row and column routes); None when it has neither."""
     entry = SPECS[backend].kernels[primitive]
     if entry == DERIVED:
-        dense = _kernel_in(backend, DENSE_OF[primitive], dtype)
-        return None if dense is None else functools.partial(getattr(chunked, primitive),
-                                                            dense)
+        parts = [_resolve(name, part, device_type, dtype)[1]
+                 for part in DERIVED_FROM[primitive]]
+        return functools.partial(getattr(derived, primitive), *parts)
     if dtype not in entry:
         return None
     return getattr(instance(backend), primitive)
@@ -216,7 +222,7 @@ def _resolve(name: str, primitive: str, device_type: str, dtype: torch.dtype):
         raise ValueError(f"backend {name!r} is not declared (any more)")
     for backend in candidates(name, device_type, primitive, dtype):
         if backend in SPECS and runs_on(backend, device_type):
-            kernel = _kernel_in(backend, primitive, dtype)
+            kernel = _kernel_in(name, backend, primitive, dtype, device_type)
             if kernel is not None:
                 return backend, kernel
     raise ValueError(f"no backend runs {primitive} on {device_type} tensors of {dtype} for "

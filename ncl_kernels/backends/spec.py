@@ -14,12 +14,14 @@ import torch
 from .._dtypes import FLOAT_DTYPES, STORAGE_DTYPES
 
 #: the seam: every backend has an entry for each of these (docs/extending.md)
-PRIMITIVES = ("row_lse", "col_lse", "ncl_grad_", "apply_biases_", "row_lse_xy", "col_lse_xy",
-              "ncl_grad_xy")
-#: a streaming primitive built from the backend's own dense one (see :mod:`.chunked`)
+PRIMITIVES = ("row_lse", "col_lse", "ncl_grad_", "apply_biases_", "sinkhorn_step",
+              "row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy")
+#: a primitive built from others (see :mod:`.derived`)
 DERIVED = "derived"
-#: the dense primitive each derived streaming primitive is built from
-DENSE_OF = {"row_lse_xy": "row_lse", "col_lse_xy": "row_lse", "ncl_grad_xy": "ncl_grad_"}
+#: what each primitive that may be derived is built from
+DERIVED_FROM = {"row_lse_xy": ("row_lse",), "col_lse_xy": ("row_lse",),
+                "ncl_grad_xy": ("ncl_grad_",), "sinkhorn_step": ("row_lse", "col_lse"),
+                "sinkhorn_step_xy": ("row_lse_xy", "col_lse_xy")}
 
 ALL = frozenset(STORAGE_DTYPES)
 FLOAT = frozenset(FLOAT_DTYPES)

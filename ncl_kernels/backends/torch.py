@@ -2,7 +2,7 @@
 
 It is the fallback everywhere (every other backend delegates to it what it does not run
 itself) and the template the compiled backends are measured against. Each dense primitive
-walks S in chunks of ``chunked.CHUNK_ELEMS`` elements, so its temporaries stay O(chunk)
+walks S in chunks of ``derived.CHUNK_ELEMS`` elements, so its temporaries stay O(chunk)
 rather than O(N x M); low-precision storage is upcast chunk by chunk and accumulated in
 float32. Its streaming primitives are the chunked ones derived from these.
 """
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .._dtypes import acc_dtype
-from .chunked import row_chunks
+from .derived import row_chunks
 from .spec import ALL, DERIVED, BackendSpec
 
 Tensor = torch.Tensor
@@ -116,7 +116,8 @@ SPEC = BackendSpec(
     status=lambda: (True, True, ""),
     factory=TorchBackend,
     kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
-             "row_lse_xy": DERIVED, "col_lse_xy": DERIVED, "ncl_grad_xy": DERIVED},
+             "sinkhorn_step": DERIVED, "row_lse_xy": DERIVED, "col_lse_xy": DERIVED,
+             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED},
     build="pure PyTorch: always available, on every device",
     fallback=None,
 )

@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Optional, Tuple
 
-from ..spec import FLOAT, BackendSpec
+from ..spec import DERIVED, FLOAT, BackendSpec
 
 _import_error: Optional[str] = None
 
@@ -75,8 +75,9 @@ SPEC = BackendSpec(
     devices=devices,
     status=status,
     factory=make_backend,
-    kernels={p: FLOAT for p in ("row_lse", "col_lse", "ncl_grad_", "apply_biases_",
-                                "row_lse_xy", "col_lse_xy", "ncl_grad_xy")},
+    kernels={**{p: FLOAT for p in ("row_lse", "col_lse", "ncl_grad_", "apply_biases_",
+                                   "row_lse_xy", "col_lse_xy", "ncl_grad_xy")},
+             "sinkhorn_step": DERIVED, "sinkhorn_step_xy": DERIVED},
     build="Triton kernels (ncl_kernels/backends/triton), compiled on first use; needs "
           "pip install 'ncl_kernels[triton]' and a CUDA GPU, or TRITON_INTERPRET=1",
 )

@@ -1,11 +1,15 @@
-"""Streaming primitives derived from a backend's dense ones, a chunk of rows at a time.
+"""Primitives derived from others, for backends that mark an entry ``DERIVED``.
 
-A backend without a streaming kernel of its own (the registry marks its entry
-``DERIVED``) gets these: a chunk of rows of ``S = X @ Y.T`` is multiplied with
-``torch.matmul`` (BLAS on the CPU, cuBLAS on a GPU) into a buffer of at most
-``CHUNK_ELEMS`` elements, reduced by the backend's own dense primitive, and merged. Memory
-stays O((N + M) D + chunk). The chunked PyTorch backend walks its dense passes with the
-same budget.
+* The streaming primitives, from the dense ones, a chunk of rows at a time: a chunk of
+  rows of ``S = X @ Y.T`` is multiplied with ``torch.matmul`` (BLAS on the CPU, cuBLAS on a
+  GPU) into a buffer of at most ``CHUNK_ELEMS`` elements, reduced by the dense primitive,
+  and merged. Memory stays O((N + M) D + chunk). The chunked PyTorch backend walks its
+  dense passes with the same budget.
+* A Sinkhorn iteration (``sinkhorn_step``, ``sinkhorn_step_xy``) as a row pass, the
+  potential update and a column pass: two reads of S where a fused kernel needs one.
+
+The registry resolves the primitives a derived one is built from under the same backend
+name as the call (so ``auto``'s derived step runs ``auto``'s row and column routes).
 """
 
 from __future__ import annotations
@@ -76,3 +80,28 @@ def ncl_grad_xy(ncl_grad_: Callable, X, Y, scale, f, g, lse_row, lse_col, coef_r
         del S  # free this chunk before the next one is multiplied
     return (None if dX is None else dX.to(X.dtype),
             None if dY is None else dY.to(Y.dtype), ds)
+
+
+def iteration(row: Callable, col: Callable, g: Tensor, log_r: Tensor):
+    """One Sinkhorn iteration from ``g`` given its two passes, ``row(g) = LSE_row(g)`` and
+    ``col(f) = LSE_col(f)``: ``(f, LSE_row(g), LSE_col(f))`` with ``f = log_r - LSE_row(g)``
+    (``-inf`` where ``log_r`` is: zero mass removes the row, never (-inf) - (-inf) = NaN).
+    The fused kernels return the same."""
+    lse_row = row(g)
+    f = torch.where(log_r > float("-inf"), log_r - lse_row,
+                    torch.full_like(lse_row, float("-inf")))
+    return f, lse_row, col(f)
+
+
+def sinkhorn_step(row_lse: Callable, col_lse: Callable, S: Tensor, scale: float, g: Tensor,
+                  log_r: Tensor):
+    """:func:`iteration` on a score matrix, from its dense row and column passes."""
+    return iteration(lambda g_: row_lse(S, scale, g_), lambda f_: col_lse(S, scale, f_), g,
+                     log_r)
+
+
+def sinkhorn_step_xy(row_lse_xy: Callable, col_lse_xy: Callable, X: Tensor, Y: Tensor,
+                     scale: float, g: Tensor, log_r: Tensor):
+    """:func:`iteration` on ``S = X @ Y.T``, from its streaming passes."""
+    return iteration(lambda g_: row_lse_xy(X, Y, scale, g_),
+                     lambda f_: col_lse_xy(X, Y, scale, f_), g, log_r)
