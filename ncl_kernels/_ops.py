@@ -251,9 +251,10 @@ def loss_xy(X: Tensor, Y: Tensor, scale_t: Optional[Tensor], scale_f: float, bac
                           lambda f_: be.col_lse_xy(X, Y, p.s, f_), p.r, p.c, n_iters,
                           p.f, p.g)
     coef_row, coef_col = _coefficients(p.y, p.z, w_row, w_col, acc)
-    # target logits s * <x_i, y_{y_i}> and s * <x_{z_j}, y_j>: O((N + M) D)
-    t_row = (X.to(acc) * Y[p.y.clamp(min=0)].to(acc)).sum(1) * p.s
-    t_col = (X[p.z.clamp(min=0)].to(acc) * Y.to(acc)).sum(1) * p.s
+    # target logits s * <x_i, y_{y_i}> and s * <x_{z_j}, y_j>, O((N + M) D), rounded as
+    # the LSE passes round them
+    t_row = be.target_logits_xy(X, Y, p.s, p.y)
+    t_col = be.target_logits_xy(Y, X, p.s, p.z)
     loss = _assemble(fw, t_row, t_col, p.y, p.z, coef_row, coef_col)
     return (loss,) + tuple(fw)
 

@@ -142,9 +142,11 @@ def _sm90_cases():
              {"HAS_F": True, "HAS_G": True, "BLOCK_N": 32, "BLOCK_M": 128}, 4, 3),
         ]
         wide = dt == "fp32"
-        tile = {"PRECISION": "ieee", "UPCAST": False, "BLOCK_M": 64, "BLOCK_D": 32 if wide else 64}
+        tile = {"PRECISION": "ieee", "INTERP": False, "BLOCK_M": 64, "BLOCK_D": 32 if wide else 64}
         cases.append((streaming.row_lse_xy_kernel, vec,
                        dict(tile, HAS_G=True, BLOCK_N=64 if wide else 128), 4 if wide else 8, 3))
+        cases.append((streaming.target_logits_xy_kernel, dict(vec, T="*i64"),
+                      dict(tile, BLOCK_N=64 if wide else 128), 4 if wide else 8, 3))
         grad = dict(tile, GRAD_PRECISION="ieee", BLOCK_N=64, BLOCK_DO=128)
         cases.append((streaming.grad_dx_kernel, vec, dict(grad, WRITE=True), 8, 2))
         cases.append((streaming.grad_dy_kernel, vec, grad, 8, 2))
@@ -294,6 +296,30 @@ def test_row_and_col_lse_xy(be, blocks, dtype, shape):
     for vec in (None, f):
         assert_close(be.col_lse_xy(x, y, 9.0, vec), ref.col_lse(S64, 9.0, vec),
                      ref.col_lse(S32, 9.0, vec, dtype=torch.float32), dtype, "col_lse_xy")
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(1, 1, 5), (67, 45, 40)])
+def test_target_logits_round_as_the_lse_pass(be, blocks, dtype, shape):
+    # The loss subtracts each target logit from the LSE that contains it and must cancel
+    # it exactly (with one pair the loss is exactly 0). row_lse_xy with g = -inf except
+    # at column j returns the LSE pass's own logits of column j, at their tile positions.
+    n, m, d = shape
+    x, y = random_embeddings(n, m, d, dtype, seed=d + 1)
+    gen = torch.Generator().manual_seed(n)
+    t = torch.randint(-1, m, (n,), generator=gen)
+    t[0] = m - 1
+    ours = be.target_logits_xy(x, y, 15.0, t)
+    for j in {m - 1, *t[t >= 0].unique()[:3].tolist()}:
+        only_j = torch.full((m,), float("-inf"))
+        only_j[j] = 0.0
+        rows = t == j
+        assert torch.equal(ours[rows], be.row_lse_xy(x, y, 15.0, only_j)[rows]), j
+    keep = t >= 0
+    tc = t.clamp(min=0)
+    assert_close(ours[keep], 15.0 * (x.double() * y.double()[tc]).sum(1)[keep],
+                 15.0 * (x.float() * y.float()[tc]).sum(1)[keep], dtype, "targets")
+    assert float(nk.ncl_loss_embeddings(x[:1], y[:1], 15.0, backend="triton")) == 0.0
 
 
 @pytest.mark.parametrize("dtype", LOW)

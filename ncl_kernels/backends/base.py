@@ -88,6 +88,19 @@ class Backend:
         # LSE over the rows of X @ Y.T is LSE over the columns of Y @ X.T.
         return self.row_lse_xy(Y, X, scale, f)
 
+    def target_logits_xy(self, X: Tensor, Y: Tensor, scale: float, y: Tensor) -> Tensor:
+        """``scale * <x_i, y_{y_i}>`` per row ``i`` (any finite value where ``y_i < 0``).
+
+        These are the entries ``(i, y_i)`` of the logits ``row_lse_xy(X, Y, ...)`` forms, so a
+        backend whose streaming kernels round their score tiles differently from this
+        elementwise product overrides it to round them the same way: the loss then
+        subtracts a target logit from the LSE that contains it without a stray ulp (with one
+        column the two cancel exactly). The column targets are ``target_logits_xy(Y, X,
+        scale, z)``, as ``col_lse_xy`` is ``row_lse_xy(Y, X, ...)``.
+        """
+        acc = acc_dtype(X.dtype)
+        return (X.to(acc) * Y[y.clamp(min=0)].to(acc)).sum(1) * scale
+
     def ncl_grad_xy(self, X, Y, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
                     need_dx=True, need_dy=True):
         """Streaming gradient: ``(dX, dY, dscale_sum)`` with ``dX = scale * G @ Y`` etc.

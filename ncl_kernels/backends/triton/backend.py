@@ -81,10 +81,6 @@ class TritonBackend(TorchBackend):
             self._sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
         return 4 * self._sm_count[idx]
 
-    def _upcast(self, X: Tensor) -> bool:
-        # Triton's interpreter cannot multiply bfloat16 operands (streaming.py)
-        return interpreting() and X.dtype == torch.bfloat16
-
     def _precision(self) -> str:
         if self.dot_precision not in _PRECISIONS:
             raise ValueError(f"dot_precision must be one of {_PRECISIONS}; got "
@@ -187,10 +183,24 @@ class TritonBackend(TorchBackend):
         with self._device(X):
             streaming.row_lse_xy_kernel[(triton.cdiv(N, block_n),)](
                 X, Y, X if g is None else g, out, N, M, D, *strides, scale,
-                HAS_G=g is not None, PRECISION=self._precision(), UPCAST=self._upcast(X),
+                HAS_G=g is not None, PRECISION=self._precision(), INTERP=interpreting(),
                 BLOCK_N=block_n,
                 BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
                 enable_fp_fusion=False)
+        return out
+
+    def target_logits_xy(self, X: Tensor, Y: Tensor, scale: float, y: Tensor) -> Tensor:
+        if not self._ours(X):
+            return super().target_logits_xy(X, Y, scale, y)
+        N, M, D, *strides = self._args_xy(X, Y)
+        # row_lse_xy's blocks exactly: the target logits round as its score tiles do
+        block_n, block_m, block_d, warps, stages = self._xy_blocks(X, D)
+        out = torch.empty(N, dtype=torch.float32, device=X.device)
+        with self._device(X):
+            streaming.target_logits_xy_kernel[(triton.cdiv(N, block_n),)](
+                X, Y, _vec(y), out, N, M, D, *strides, scale, PRECISION=self._precision(),
+                INTERP=interpreting(), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=warps, num_stages=stages, enable_fp_fusion=False)
         return out
 
     # col_lse_xy: the inherited ``row_lse_xy(Y, X, scale, f)``, i.e. the same kernel with
@@ -212,7 +222,7 @@ class TritonBackend(TorchBackend):
         dX = torch.empty_like(X, memory_format=torch.contiguous_format) if need_dx else None
         dY = torch.empty_like(Y, memory_format=torch.contiguous_format) if need_dy else None
         blocks = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d,
-                  "BLOCK_DO": block_do, "UPCAST": self._upcast(X), "num_warps": 8,
+                  "BLOCK_DO": block_do, "INTERP": interpreting(), "num_warps": 8,
                   "num_stages": 2, "enable_fp_fusion": False}
         # dX (and dscale): when dX is not wanted one program per row block still sums dscale
         gx = (triton.cdiv(N, block_n), d_blocks if need_dx else 1)

@@ -36,13 +36,19 @@ NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
 @triton.jit
 def _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                PRECISION: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``X[rows] @ Y[cols].T`` as a float32 (BLOCK_N, BLOCK_M) tile; 0 outside the matrix.
 
-    ``UPCAST`` (interpreter only) turns the operands into float32 before the dot: Triton's
-    interpreter multiplies the raw uint16 bits of bfloat16 operands. Exact: the product of
-    two bfloat16 values is exact in float32, as on the tensor cores.
+    ``INTERP`` (Triton's interpreter runs the kernel) turns the operands into float32
+    before the dot: the interpreter multiplies the raw uint16 bits of bfloat16 operands.
+    Exact: the product of two 16-bit floats is exact in float32, as on the tensor cores.
+
+    The LSE pass and ``target_logits_xy_kernel`` both form logit ``(i, j)`` as entry
+    ``(i % BLOCK_N, j % BLOCK_M)`` of this tile for row block ``i // BLOCK_N`` and column
+    block ``j // BLOCK_M``, with the same blocks: the same arithmetic, so the same bits,
+    also in the interpreter (whose BLAS may round an entry differently elsewhere in a
+    tile).
     """
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     row_ok = rows < N
@@ -56,7 +62,7 @@ def _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd,
                     other=0.0)
         yt = tl.load(yc + ks.to(tl.int64)[:, None] * syd, mask=k_ok[:, None] & col_ok[None, :],
                      other=0.0)
-        if UPCAST:
+        if INTERP:
             x = x.to(tl.float32)
             yt = yt.to(tl.float32)
         acc = tl.dot(x, yt, acc, input_precision=PRECISION)
@@ -65,7 +71,7 @@ def _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd,
 
 @triton.jit
 def row_lse_xy_kernel(X, Yp, G, OUT, N, M, D, sxn, sxd, syn, syd, scale,
-                      HAS_G: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                      HAS_G: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``LSE_j(scale * <x_i, y_j> + g_j)`` for a block of rows, online over column tiles."""
     pid = tl.program_id(0)
@@ -76,7 +82,7 @@ def row_lse_xy_kernel(X, Yp, G, OUT, N, M, D, sxn, sxd, syn, syd, scale,
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < M
         L = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
-                        UPCAST, BLOCK_N, BLOCK_M, BLOCK_D) * scale
+                        INTERP, BLOCK_N, BLOCK_M, BLOCK_D) * scale
         if HAS_G:
             L = L + tl.load(G + cols, mask=col_ok, other=0.0)[None, :]
         L = tl.where(col_ok[None, :], L, NEG_INF)
@@ -85,10 +91,39 @@ def row_lse_xy_kernel(X, Yp, G, OUT, N, M, D, sxn, sxd, syn, syd, scale,
 
 
 @triton.jit
+def target_logits_xy_kernel(X, Yp, T, OUT, N, M, D, sxn, sxd, syn, syd, scale,
+                            PRECISION: tl.constexpr, INTERP: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """``scale * <x_i, y_{t_i}>`` for a block of rows, rounded as ``row_lse_xy_kernel``'s.
+
+    Each target is read off the very tile the LSE pass forms it in (row block x the
+    target's column block, same blocks, same position): only the column blocks that
+    some row of the block targets are formed (one or two for diagonal-like targets). One
+    entry plus zeros is summed per row: exact. A target of -1 gives 0.
+    """
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = tl.load(T + rows, mask=rows < N, other=-1)
+    hit = t >= 0
+    cb = tl.where(hit, t // BLOCK_M, -1)
+    lo = tl.min(tl.where(hit, cb, 2147483647), axis=0)
+    hi = tl.max(cb, axis=0)
+    out = tl.zeros((BLOCK_N,), tl.float32)
+    for c in range(lo, hi + 1):
+        if tl.max((cb == c).to(tl.int32), axis=0) > 0:
+            cols = c * BLOCK_M + tl.arange(0, BLOCK_M)
+            L = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
+                            INTERP, BLOCK_N, BLOCK_M, BLOCK_D) * scale
+            out += tl.sum(tl.where(t[:, None] == cols[None, :], L, 0.0), axis=1)
+    tl.store(OUT + rows, out, mask=rows < N)
+
+
+@triton.jit
 def grad_dx_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DX, DS, N, M, D,
                    sxn, sxd, syn, syd, sdn, sdd, scale,
                    WRITE: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr,
+                   INTERP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DO: tl.constexpr):
     """Rows block x output-D block: ``dX = scale * G @ Y`` and the partial ``sum G * S``."""
@@ -108,7 +143,7 @@ def grad_dx_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DX, DS, N, M, D,
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < M
         x = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
-                        UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
+                        INTERP, BLOCK_N, BLOCK_M, BLOCK_D)
         g = tl.load(Gp + cols, mask=col_ok, other=NEG_INF)[None, :]
         lse_c = tl.load(LSE_C + cols, mask=col_ok, other=NEG_INF)[None, :]
         cc = tl.load(CC + cols, mask=col_ok, other=0.0)[None, :]
@@ -133,7 +168,7 @@ def grad_dx_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DX, DS, N, M, D,
 def grad_dy_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DY, N, M, D,
                    sxn, sxd, syn, syd, sdn, sdd, scale,
                    PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr,
+                   INTERP: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_DO: tl.constexpr):
     """Column block x output-D block: ``dY = scale * G.T @ X``."""
@@ -152,7 +187,7 @@ def grad_dy_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DY, N, M, D,
         rows = start + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         x = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
-                        UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
+                        INTERP, BLOCK_N, BLOCK_M, BLOCK_D)
         f = tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
         lse_r = tl.load(LSE_R + rows, mask=row_ok, other=NEG_INF)[:, None]
         cr = tl.load(CR + rows, mask=row_ok, other=0.0)[:, None]
