@@ -253,8 +253,7 @@ def loss_xy(X: Tensor, Y: Tensor, scale_t: Optional[Tensor], scale_f: float, bac
     coef_row, coef_col = _coefficients(p.y, p.z, w_row, w_col, acc)
     # target logits s * <x_i, y_{y_i}> and s * <x_{z_j}, y_j>, O((N + M) D), rounded as
     # the LSE passes round them
-    t_row = be.target_logits_xy(X, Y, p.s, p.y)
-    t_col = be.target_logits_xy(Y, X, p.s, p.z)
+    t_row, t_col = be.target_logits_xy(X, Y, p.s, p.y, p.z)
     loss = _assemble(fw, t_row, t_col, p.y, p.z, coef_row, coef_col)
     return (loss,) + tuple(fw)
 

@@ -88,18 +88,21 @@ class Backend:
         # LSE over the rows of X @ Y.T is LSE over the columns of Y @ X.T.
         return self.row_lse_xy(Y, X, scale, f)
 
-    def target_logits_xy(self, X: Tensor, Y: Tensor, scale: float, y: Tensor) -> Tensor:
-        """``scale * <x_i, y_{y_i}>`` per row ``i`` (any finite value where ``y_i < 0``).
+    def target_logits_xy(self, X: Tensor, Y: Tensor, scale: float, y: Tensor,
+                         z: Tensor) -> Tuple[Tensor, Tensor]:
+        """The targets' logits: ``scale * <x_i, y_{y_i}>`` per row and ``scale * <x_{z_j},
+        y_j>`` per column (any finite value where the target is -1).
 
-        These are the entries ``(i, y_i)`` of the logits ``row_lse_xy(X, Y, ...)`` forms, so a
+        They are entries of the logits that ``row_lse_xy`` and ``col_lse_xy`` form, and a
         backend whose streaming kernels round their score tiles differently from this
         elementwise product overrides it to round them the same way: the loss then
-        subtracts a target logit from the LSE that contains it without a stray ulp (with one
-        column the two cancel exactly). The column targets are ``target_logits_xy(Y, X,
-        scale, z)``, as ``col_lse_xy`` is ``row_lse_xy(Y, X, ...)``.
+        subtracts a target logit from the LSE that contains it without a stray ulp (with
+        one pair the two cancel exactly).
         """
         acc = acc_dtype(X.dtype)
-        return (X.to(acc) * Y[y.clamp(min=0)].to(acc)).sum(1) * scale
+        Xa, Ya = X.to(acc), Y.to(acc)
+        return ((Xa * Ya[y.clamp(min=0)]).sum(1) * scale,
+                (Xa[z.clamp(min=0)] * Ya).sum(1) * scale)
 
     def ncl_grad_xy(self, X, Y, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
                     need_dx=True, need_dy=True):
