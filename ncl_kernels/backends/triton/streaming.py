@@ -78,31 +78,40 @@ def _tile(X, Yp, rows_c, cols_c, sxn, sxd, syn, syd, D: tl.constexpr,
 
 
 @triton.jit
+def _row_sweep(X, Yp, G, rows_c, M, sxn, sxd, syn, syd, scale, D: tl.constexpr,
+               HAS_G: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``LSE_j(scale * <x_i, y_j> + g_j)`` of one row block: one flat loop over (column
+    tile, D chunk), each finished tile merged into the running (max, sum)."""
+    K_TILES: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for it in range(0, tl.cdiv(M, BLOCK_M) * K_TILES):
+        c = it // K_TILES
+        kk = it - c * K_TILES
+        cols = c * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = _tile_step(X, Yp, rows_c, tl.minimum(cols, M - 1), kk * BLOCK_D, acc,
+                         sxn, sxd, syn, syd, D, PRECISION, INTERP, BLOCK_D)
+        if kk == K_TILES - 1:
+            L = acc * scale
+            if HAS_G:
+                L = L + tl.load(G + cols, mask=cols < M, other=0.0)[None, :]
+            m, s = _online_merge(m, s, tl.where((cols < M)[None, :], L, NEG_INF))
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    return _finish(m, s)
+
+
+@triton.jit
 def row_lse_xy_kernel(X, Yp, G, OUT, N, M, sxn, sxd, syn, syd, scale, D: tl.constexpr,
                       HAS_G: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``LSE_j(scale * <x_i, y_j> + g_j)``: persistent over row blocks."""
-    K_TILES: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
-    n_col = tl.cdiv(M, BLOCK_M)
     for b in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
         rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_c = tl.minimum(rows, N - 1)
-        m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
-        s = tl.zeros((BLOCK_N,), tl.float32)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        for it in range(0, n_col * K_TILES):
-            c = it // K_TILES
-            kk = it - c * K_TILES
-            cols = c * BLOCK_M + tl.arange(0, BLOCK_M)
-            acc = _tile_step(X, Yp, rows_c, tl.minimum(cols, M - 1), kk * BLOCK_D, acc,
-                             sxn, sxd, syn, syd, D, PRECISION, INTERP, BLOCK_D)
-            if kk == K_TILES - 1:
-                L = acc * scale
-                if HAS_G:
-                    L = L + tl.load(G + cols, mask=cols < M, other=0.0)[None, :]
-                m, s = _online_merge(m, s, tl.where((cols < M)[None, :], L, NEG_INF))
-                acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        tl.store(OUT + rows, _finish(m, s), mask=rows < N)
+        lse = _row_sweep(X, Yp, G, tl.minimum(rows, N - 1), M, sxn, sxd, syn, syd, scale,
+                         D, HAS_G, PRECISION, INTERP, BLOCK_N, BLOCK_M, BLOCK_D)
+        tl.store(OUT + rows, lse, mask=rows < N)
 
 
 @triton.jit
@@ -156,28 +165,16 @@ def sinkhorn_step_xy_kernel(X, Yp, G, LOG_R, LSE_R, F, PM, PS, N, M, sxn, sxd, s
         rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_c = tl.minimum(rows, N - 1)
         row_ok = rows < N
-        m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
-        s = tl.zeros((BLOCK_N,), tl.float32)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        for it in range(0, n_col * K_TILES):
-            c = it // K_TILES
-            kk = it - c * K_TILES
-            cols = c * BLOCK_M + tl.arange(0, BLOCK_M)
-            acc = _tile_step(X, Yp, rows_c, tl.minimum(cols, M - 1), kk * BLOCK_D, acc,
-                             sxn, sxd, syn, syd, D, PRECISION, INTERP, BLOCK_D)
-            if kk == K_TILES - 1:
-                L = acc * scale
-                if HAS_G:
-                    L = L + tl.load(G + cols, mask=cols < M, other=0.0)[None, :]
-                m, s = _online_merge(m, s, tl.where((cols < M)[None, :], L, NEG_INF))
-                acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        lse = _finish(m, s)
+        # sweep 1: the row pass's very code, so lse has row_lse_xy_kernel's bits
+        lse = _row_sweep(X, Yp, G, rows_c, M, sxn, sxd, syn, syd, scale, D, HAS_G,
+                         PRECISION, INTERP, BLOCK_N, BLOCK_M, BLOCK_D)
         log_r = tl.load(LOG_R + rows, mask=row_ok, other=NEG_INF)
         f = tl.where(log_r == NEG_INF, NEG_INF, log_r - lse)
         tl.store(LSE_R + rows, lse, mask=row_ok)
         tl.store(F + rows, f, mask=row_ok)
         f = tl.where(row_ok, f, NEG_INF)
         first = b == pid
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         for it in range(0, n_col * K_TILES):
             c = it // K_TILES
             kk = it - c * K_TILES
