@@ -1,7 +1,7 @@
 """The alternatives a user would pick instead of ncl_kernels, written the obvious way.
 
 Each takes the same inputs as the case it competes with and computes the same function
-(SPEC.md): default masses ``r = 1``, ``c = N / M``, Sinkhorn from ``g = 0`` with the row
+(docs/math.md): default masses ``r = 1``, ``c = N / M``, Sinkhorn from ``g = 0`` with the row
 update first, biases as constants for the gradient. Low-precision storage is upcast to
 float32 first, as a careful user would (a bfloat16 ``logsumexp`` loop fails the checks).
 

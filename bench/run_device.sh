@@ -3,28 +3,40 @@
 #
 #     bash bench/run_device.sh [OUTDIR]     # OUTDIR defaults to $OUT, else /tmp/ncl-device-out
 #
+# Run G2 (issue 19) within the 15-minute device budget (the machine's start counts too,
+# so the script itself ends within BUDGET_S = 8 minutes), in the order of what the next
+# decisions need:
+#
 # 1. installs carried wheels (optional peers: flash-sinkhorn, inf-cl, POT) from .whl/,
 # 2. builds ncl_kernels with CUDA for sm_90 (H100/H200) into the machine's python3,
-# 3. runs the GPU tests (marked gpu or triton) except the big per-primitive matrix,
-# 4. runs the GPU benchmarks at sizes that fill an H200 (NCL_BENCH_SIZE=gpu: 32768^2 dense,
-#    65536^2 x 512 streaming), compute-sanitizer memcheck, the torch.compile peers,
-# 5. with what is left of the budget: the per-primitive test matrix (marked matrix, about
-#    4,000 cases), racecheck, and (TRITON_BENCH=1) the Triton entry points' own bench,
-# 6. writes under OUTDIR (at most 8 files, the most a device call brings back): log.txt
+# 3. the GPU tests G1 did not reach (determinism, stream, no-sync, 64-bit indexing, end
+#    to end, the Triton GPU tests: fused step, exact one-pair gradient, repeatability),
+#    marked gpu or triton, without the big per-primitive matrix,
+# 4. bench/triton_entry.py: the Triton kernels against their roofs (streaming LSE passes,
+#    the fused Sinkhorn step against two passes, the tensor-core gradient with the split
+#    and the rounded-once G, the streaming loss at 32768^2 and 65536^2 x 512),
+# 5. the benchmark suites at sizes that fill an H200 (NCL_BENCH_SIZE=gpu): streaming
+#    Sinkhorn against flash-sinkhorn and the loss against inf-cl on the same shapes, with
+#    "auto" measured as a whole beside each backend; then the primitives and retrieval,
+# 6. with what is left of the budget: bench/triton_sweep.py (alternatives to the shipped
+#    launch table), compute-sanitizer memcheck, the torch.compile peers, the per-primitive
+#    test matrix (marked matrix), racecheck, the sm_90a compile table under this Triton,
+# 7. writes under OUTDIR (at most 8 files, the most a device call brings back): log.txt
 #    (everything), gpu-tests.xml and gpu-matrix.xml (junit, per-test times), records.jsonl
 #    (each benchmark record appended the moment it is measured, so a suite killed by its
 #    timeout keeps what it finished), results.json (bench/collect.py records), results.md
-#    (tables) and, with TRITON_BENCH=1, triton-bench.jsonl.
+#    (tables), triton-entry.jsonl and triton-sweep.jsonl (one JSON line per measurement).
 #
 # Optional peers: the device machine has no network. Download the wheels here first
 # (bench/RESULTS.md, "GPU"), into .whl/ (git-ignored through .git/info/exclude), and name
 # .whl in the device call's carry.
 #
-# Environment: BUDGET_S (default 450: the script stops starting steps after it, so the run
-# ends within 8 minutes), ONLY="step names" (run just those, e.g. ONLY="build backends
-# gpu-matrix" for a session that only needs the test matrix), XDIST (pytest-xdist workers
-# for the tests, default 6, 0 = off), TRITON_BENCH=1; for a dry run of the mechanics on a
-# CPU machine: PYTHON, NCL_BENCH_SIZE, NCL_BENCH_DEVICE, NCL_BENCH_TIME, SKIP_BUILD=1.
+# Environment: BUDGET_S (default 480: the script stops starting steps after it), ONLY="step
+# names" (run just those, e.g. ONLY="build backends gpu-matrix"), SKIP="step names" (run
+# all but those), XDIST (pytest-xdist workers for the tests, default 6, 0 = off); for a dry
+# run of the mechanics on a CPU machine: PYTHON, NCL_BENCH_SIZE, NCL_BENCH_DEVICE,
+# NCL_BENCH_TIME, SKIP_BUILD=1, DRY=1 (the Triton scripts in --dry mode: CPU tensors in
+# Triton's interpreter, untimed).
 #
 # Each step has its own timeout, so a hung or slow step costs only its slot. The script
 # never stops at a failing step and collects whatever benchmark records exist at the end.
@@ -33,7 +45,7 @@ set -u
 set -o pipefail
 
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-480}
 OUTDIR=${1:-${OUT:-/tmp/ncl-device-out}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
@@ -63,6 +75,10 @@ step() {
     shift 2
     if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
         return 0  # not asked for in this run
+    fi
+    if [ -n "${SKIP:-}" ] && [[ " $SKIP " == *" $name "* ]]; then
+        log "SKIP $name (SKIP)"
+        return 0
     fi
     local left=$(( BUDGET_S - ($(date +%s) - START) ))
     if (( left < 20 )); then
@@ -126,11 +142,18 @@ tests() {  # tests NAME SECONDS MARKEXPR
     step "$1" "$2" env OMP_NUM_THREADS=2 "$PY" -m pytest -q -p no:cacheprovider -m "$3" tests \
         "${xdist[@]}" -rfEs --tb=short --durations=10 --junitxml="$OUTDIR/$1.xml"
 }
-tests gpu-tests 100 "(gpu or triton) and not matrix"
+tests gpu-tests 120 "(gpu or triton) and not matrix"
+
+# The Triton kernels' own measurements (bench/triton_entry.py) next: the figures issue 19
+# is judged by. DRY=1: the same logic on CPU tensors in Triton's interpreter, untimed.
+triton_mode=()
+[ "${DRY:-0}" = 1 ] && triton_mode=(--dry) && export TRITON_INTERPRET=1
+step triton-entry 150 "$PY" bench/triton_entry.py "${triton_mode[@]}" \
+    --out "$OUTDIR/triton-entry.jsonl"
 
 # Benchmarks: one pytest per suite (a timeout loses only the rest of that suite: every
 # finished case is already in records.jsonl); the torch.compile peers, whose compilation
-# takes tens of seconds each, go last. Durations on the first H200 run: primitives 47 s,
+# takes tens of seconds each, go late. Durations on the first H200 run: primitives 47 s,
 # sinkhorn 28 s (without its streaming cases), loss 46 s, retrieval 27 s, compile 83 s.
 bench() {  # bench NAME SECONDS PYTEST-ARGS...
     local name=$1 limit=$2
@@ -138,17 +161,20 @@ bench() {  # bench NAME SECONDS PYTEST-ARGS...
     step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider --benchmark-only \
         --benchmark-columns=median,rounds -rs "$@"
 }
+# streaming Sinkhorn (ours, auto, flash-sinkhorn on the same problem) and the loss (ours,
+# auto, inf-cl's CLIP loss on the same shapes) first: G1 did not reach flash-sinkhorn
+bench bench-sinkhorn 100 bench/test_bench_sinkhorn.py -k "not compile"
+bench bench-loss 80 bench/test_bench_loss.py -k "not compile"
 bench bench-primitives 70 bench/test_bench_primitives.py -k "not compile"
-bench bench-sinkhorn 90 bench/test_bench_sinkhorn.py -k "not compile"
-bench bench-loss 70 bench/test_bench_loss.py -k "not compile"
 bench bench-retrieval 45 bench/test_bench_retrieval.py -k "not compile"
+step triton-sweep 90 "$PY" bench/triton_sweep.py "${triton_mode[@]}" \
+    --out "$OUTDIR/triton-sweep.jsonl"
 step memcheck 45 env PYTHON="$PY" TOOLS=memcheck bash bench/sanitize_cuda.sh
 bench bench-compile 100 bench/ -k "compile"
 tests gpu-matrix 300 "matrix"
 step racecheck 120 env PYTHON="$PY" TOOLS=racecheck bash bench/sanitize_cuda.sh
-# the Triton entry points' own measurements (ieee vs tf32x3 streaming loss): extra time only
-[ "${TRITON_BENCH:-0}" = 1 ] && step triton-bench 90 bash -c \
-    "'$PY' -m ncl_kernels.backends.triton.bench | tee '$OUTDIR/triton-bench.jsonl'"
+# registers, spills and shared memory of every Triton kernel under this machine's Triton
+[ "${DRY:-0}" = 1 ] || step sm90-table 90 "$PY" tests/test_triton_sm90.py
 
 # Always: whatever records exist become results.json and results.md
 if [ -s "$NCL_BENCH_RECORDS" ]; then

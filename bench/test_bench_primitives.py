@@ -137,7 +137,7 @@ def test_ncl_grad(benchmark, roofs, dense, impl, inplace):
 
 
 def _grad_f32(S, f, g, lse_row, lse_col):
-    """SPEC section 3's G in float32 (diagonal targets, weights 1/2), beyond the oracle."""
+    """docs/math.md section 3's G in float32 (diagonal targets, weights 1/2), beyond the oracle."""
     L = SCALE * S.float()
     n = S.shape[0]
     G = 0.5 / n * (torch.exp(L + g - lse_row[:, None]) + torch.exp(L + f[:, None] - lse_col))

@@ -211,13 +211,14 @@ def _xy_kernel(backend: str):
                             col_mass, f, g)
         V.embeddings_values(X, Y, (x_name, y_name))
         acc = acc_dtype(X.dtype)
-        row, col, step = _kernels(backend, X, "row_lse_xy", "col_lse_xy", "sinkhorn_step_xy")
+        row, col, step, targets = _kernels(backend, X, "row_lse_xy", "col_lse_xy",
+                                           "sinkhorn_step_xy", "target_logits_xy")
         b = LM.biases_and_lses(lambda g_: row(X, Y, p.s, g_), lambda f_: col(X, Y, p.s, f_),
                                lambda g_, log_r: step(X, Y, p.s, g_, log_r), p.r, p.c,
                                n_iters, p.f, p.g)
-        # target logits s * <x_i, y_{y_i}> and s * <x_{z_j}, y_j>: O((N + M) D)
-        t_row = (X.to(acc) * Y[p.y.clamp(min=0)].to(acc)).sum(1) * p.s
-        t_col = (X[p.z.clamp(min=0)].to(acc) * Y.to(acc)).sum(1) * p.s
+        # target logits s * <x_i, y_{y_i}> and s * <x_{z_j}, y_j>, O((N + M) D), rounded as
+        # the LSE passes round them (with one pair the two cancel exactly)
+        t_row, t_col = targets(X, Y, p.s, p.y, p.z)
         return _finish(p, b, t_row, t_col, w_row, w_col, acc)
     return kernel
 

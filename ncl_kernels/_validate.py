@@ -293,7 +293,7 @@ def mass_values(name: str, t: Tensor, acc: Optional[torch.dtype] = None) -> Tens
 
 
 def masses(row_mass, col_mass, n: int, m: int, like: Tensor) -> Tuple[Tensor, Tensor]:
-    """Row and column masses with SPEC.md section 1's defaults and total rule."""
+    """Row and column masses with docs/math.md section 1's defaults and total rule."""
     return masses_values(*masses_meta(row_mass, col_mass, n, m, like), n, m, like)
 
 
@@ -358,7 +358,7 @@ def potential_values(name: str, t: Optional[Tensor], acc=None) -> Optional[Tenso
 
 
 def default_targets(n: int, m: int, device) -> Tuple[Tensor, Tensor]:
-    """SPEC.md section 3: ``y_i = i`` and ``z_j = j`` below ``min(N, M)``, ``-1`` beyond."""
+    """docs/math.md section 3: ``y_i = i`` and ``z_j = j`` below ``min(N, M)``, ``-1`` beyond."""
     k = min(n, m)
     y = torch.full((n,), -1, dtype=torch.int64, device=device)
     z = torch.full((m,), -1, dtype=torch.int64, device=device)

@@ -197,9 +197,8 @@ def _forward_kernel(backend: str):
         z_here = z - lay.row0
         mine = (z >= 0) & (z_here >= 0) & (z_here < x.shape[0])
         z_local = torch.where(mine, z_here, torch.full_like(z, -1))
-        t_row = (x.to(acc) * Y[yt.clamp(min=0)].to(acc)).sum(1) * s
-        zc = z_local.clamp(min=0)
-        t_col = (x[zc].to(acc) * Y.to(acc)).sum(1) * s
+        targets = registry.resolve(backend, "target_logits_xy", x.device.type, x.dtype)
+        t_row, t_col = targets(x, Y, s, yt, z_local)
         local = LM.assemble(b, t_row, t_col, yt, z_local, coef_row, coef_col)
         loss = LM.check_finite_loss(_all_sum(local, group))
         col0 = torch.tensor(lay.col0, dtype=torch.int64, device=x.device)

@@ -41,7 +41,7 @@ def _loss_options(like: Tensor, n: int, m: int, scale, row_targets, col_targets,
 def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
              n_iters: int = 4, f=None, g=None, weights=(0.5, 0.5), row_mass=None,
              col_mass=None, inplace_backward: bool = False, backend: str = "auto") -> Tensor:
-    """NCL loss on the logits ``scale * scores`` (SPEC.md section 3), differentiable.
+    """NCL loss on the logits ``scale * scores`` (docs/math.md section 3), differentiable.
 
     Args:
         scores: (N, M) similarity matrix (float32/float64/bfloat16/float16, unit column

@@ -18,6 +18,8 @@ the kernels:
                 need_dy)        -> (dX or empty, dY or empty, sum_ij G_ij S_ij)
     sinkhorn_step(S, scale, g, log_r)    -> (f, LSE_row(g), LSE_col(f)), f = log_r - LSE_row(g)
     sinkhorn_step_xy(X, Y, scale, g, log_r): the same on S = X @ Y.T
+    target_logits_xy(X, Y, scale, y, z) -> (scale <x_i, y_{y_i}>, scale <x_{z_j}, y_j>),
+                                rounded as the backend's streaming LSE passes round them
 
 ``G`` is the gradient of docs/math.md section 3 with the loss weights folded into
 ``coef_row``/``coef_col``; LSE and potential vectors are in the accumulation dtype
@@ -139,7 +141,12 @@ _library.define("sinkhorn_step_xy", "(Tensor X, Tensor Y, float scale, Tensor g,
                 lambda X, Y, scale, g, log_r: (_vector(X, X.shape[0]), _vector(X, X.shape[0]),
                                                _vector(X, Y.shape[0])))
 
+_library.define("target_logits_xy", "(Tensor X, Tensor Y, float scale, Tensor y, Tensor z) "
+                "-> (Tensor, Tensor)", _kernel("target_logits_xy"),
+                lambda X, Y, scale, y, z: (_vector(X, X.shape[0]), _vector(X, Y.shape[0])))
+
 #: the op names of the seam primitives (``ncl_grad`` and ``ncl_grad_`` are the two forms
 #: of the backends' ``ncl_grad_``)
 PRIMITIVE_OPS = ("row_lse", "col_lse", "ncl_grad", "ncl_grad_", "apply_biases_",
-                 "sinkhorn_step", "row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy")
+                 "sinkhorn_step", "row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy",
+                 "target_logits_xy")

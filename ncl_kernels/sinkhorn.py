@@ -279,7 +279,7 @@ def _result(f, g, done, error, n_iters, tol, strict) -> SinkhornResult:
 def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters: int = 100,
              tol: Optional[float] = 1e-4, check_every: int = 10, init_g=None,
              backend: str = "auto", strict: bool = False) -> SinkhornResult:
-    """Log-domain Sinkhorn on the logits ``scale * scores`` (SPEC.md section 2).
+    """Log-domain Sinkhorn on the logits ``scale * scores`` (docs/math.md section 2).
 
     Args:
         scores: (N, M) float32/float64/bfloat16/float16; rows may be strided, columns not.

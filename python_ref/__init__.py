@@ -1,4 +1,4 @@
-"""python_ref — the float64 oracle of ncl_kernels (see SPEC.md).
+"""python_ref — the float64 oracle of ncl_kernels (see docs/math.md).
 
 Naive on purpose: dense matrices, ``torch.logsumexp``, no chunking, every function in
 ``dtype`` (default float64). Names mirror the public API so every fast path can be checked

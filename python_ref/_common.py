@@ -6,7 +6,7 @@ import torch
 
 
 def scale_value(scale):
-    """The value of ``scale`` (Python float or 0-dim tensor) as a float; must be finite and > 0 (SPEC §1)."""
+    """The value of ``scale`` (Python float or 0-dim tensor) as a float; must be finite and > 0 (docs/math.md section 1)."""
     if isinstance(scale, torch.Tensor):
         if scale.dim() != 0:
             raise ValueError(f"scale must be a Python number or a 0-dim tensor, got shape {tuple(scale.shape)}")
@@ -27,7 +27,7 @@ def scale_tensor(scale, dtype, device):
 
 
 def check_matrix(x, name):
-    """A 2-D floating tensor without NaN or +inf (``-inf`` is a mask, SPEC §5)."""
+    """A 2-D floating tensor without NaN or +inf (``-inf`` is a mask, docs/math.md section 5)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D tensor")
     if torch.isnan(x).any():

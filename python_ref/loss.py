@@ -1,4 +1,4 @@
-"""Float64 oracle for the NCL loss and its explicit gradient (SPEC §3)."""
+"""Float64 oracle for the NCL loss and its explicit gradient (docs/math.md section 3)."""
 
 import torch
 
@@ -9,7 +9,7 @@ __all__ = ["default_targets", "ncl_loss", "ncl_loss_embeddings", "ncl_grad", "ap
 
 
 def default_targets(n, m, *, device=None):
-    """Default targets (SPEC §3): ``y_i = i`` and ``z_j = j`` below ``min(n, m)``, ``-1`` beyond."""
+    """Default targets (docs/math.md section 3): ``y_i = i`` and ``z_j = j`` below ``min(n, m)``, ``-1`` beyond."""
     k = min(n, m)
     y = torch.arange(n, dtype=torch.int64, device=device)
     z = torch.arange(m, dtype=torch.int64, device=device)
@@ -58,7 +58,7 @@ def ncl_loss(
     col_mass=None,
     dtype=torch.float64,
 ):
-    """The NCL loss (SPEC §3) as a 0-dim tensor, differentiable w.r.t. ``scores`` and a tensor ``scale``.
+    """The NCL loss (docs/math.md section 3) as a 0-dim tensor, differentiable w.r.t. ``scores`` and a tensor ``scale``.
 
     ``f, g`` are constants (detached): given by the caller (both or neither, else
     ``ValueError``) or from ``sinkhorn(scores, scale, n_iters=n_iters, tol=None, masses)``;
@@ -152,7 +152,7 @@ def ncl_grad(
     *,
     dtype=torch.float64,
 ):
-    """``G = dloss/dL`` (N x M) by the explicit formula of SPEC §3:
+    """``G = dloss/dL`` (N x M) by the explicit formula of docs/math.md section 3:
 
     ``G_ij = w_row/|R| [i in R] (exp(L_ij + g_j - LSE_row_i(g)) - [j = y_i])
            + w_col/|C| [j in C] (exp(L_ij + f_i - LSE_col_j(f)) - [i = z_j])``
@@ -188,7 +188,7 @@ def ncl_grad(
 
 def apply_biases(scores, scale=1.0, f=None, g=None, *, dtype=torch.float64):
     """New tensor ``scale * S + f[:, None] + g[None, :]`` (``None`` = zero); the out-of-place
-    oracle of ``apply_biases_`` (ARCHITECTURE primitives)."""
+    oracle of the ``apply_biases_`` primitive (docs/extending.md)."""
     S = scores.to(dtype)
     out = masked_logits(S, scale_tensor(scale, dtype, S.device))
     if f is not None:

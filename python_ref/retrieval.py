@@ -1,4 +1,4 @@
-"""Float64 oracle for retrieval: gallery biases, re-scoring, ranks and metrics (SPEC §4).
+"""Float64 oracle for retrieval: gallery biases, re-scoring, ranks and metrics (docs/math.md section 4).
 
 All dense and naive: the full query x gallery matrix is formed.
 """
@@ -24,7 +24,7 @@ RECALL_KS = (1, 5, 10, 50)
 
 
 def gallery_bias(bank, gallery, scale=1.0, *, method="ncl", n_iters=100, tol=1e-4, dtype=torch.float64):
-    """Per-item bias (M,) from a bank ``B`` (K x D) of training queries (SPEC §4).
+    """Per-item bias (M,) from a bank ``B`` (K x D) of training queries (docs/math.md section 4).
 
     ``"ncl"``: ``g`` of ``sinkhorn(B @ Y.T, scale)`` with the default masses ``r = 1``,
     ``c = K / M`` (``check_every`` 10). ``"qbnorm"``: the inverted-softmax bias
@@ -42,7 +42,7 @@ def gallery_bias(bank, gallery, scale=1.0, *, method="ncl", n_iters=100, tol=1e-
 
 
 def scores(queries, gallery, scale=1.0, bias=None, *, dtype=torch.float64):
-    """Test-time scores ``scale * Q @ Y.T + bias[None, :]`` (Q x M); ``bias=None`` = no bias (SPEC §4)."""
+    """Test-time scores ``scale * Q @ Y.T + bias[None, :]`` (Q x M); ``bias=None`` = no bias (docs/math.md section 4)."""
     out = scale_value(scale) * (queries.detach().to(dtype) @ gallery.detach().to(dtype).T)
     if bias is not None:
         out = out + bias.detach().to(dtype)[None, :]
@@ -50,7 +50,7 @@ def scores(queries, gallery, scale=1.0, bias=None, *, dtype=torch.float64):
 
 
 def qbnorm_dynamic_scores(queries, gallery, bank, beta, *, dtype=torch.float64):
-    """Dynamic inverted softmax (QB-Norm DIS, SPEC §4), Q x M.
+    """Dynamic inverted softmax (QB-Norm DIS, docs/math.md section 4), Q x M.
 
     ``A = {argmax_j <b, y_j> : b in B}``. A query whose top-1 item ``argmax_j <q, y_j>`` is
     in ``A`` gets the IS score ``beta * <q, y_j> - LSE_b(beta * <b, y_j>)``; any other query
@@ -71,14 +71,14 @@ def qbnorm_dynamic_scores(queries, gallery, bank, beta, *, dtype=torch.float64):
 
 
 def dual_softmax_scores(sim, beta, *, dtype=torch.float64):
-    """Dual softmax (DSL, SPEC §4): ``sim_ij * softmax_i(beta * sim_ij)``, softmax over the
+    """Dual softmax (DSL, docs/math.md section 4): ``sim_ij * softmax_i(beta * sim_ij)``, softmax over the
     query dimension (dim 0), i.e. each gallery item's column is normalized over all queries."""
     S = sim.detach().to(dtype)
     return S * torch.softmax(scale_value(beta) * S, dim=0)
 
 
 def ranks(score_matrix, targets):
-    """1-based rank of each query's best positive (SPEC §4), (Q,) int64.
+    """1-based rank of each query's best positive (docs/math.md section 4), (Q,) int64.
 
     ``targets`` is (Q,) or (Q, P) padded with ``-1``; each row needs at least one valid
     positive (else ``ValueError``). For a positive t: ``1 + #{j != t : score[q, j] >=
@@ -112,7 +112,7 @@ def ranks(score_matrix, targets):
 
 def metrics(ranks):
     """``{"R@1", "R@5", "R@10", "R@50": 100 * mean(rank <= K), "MdR": median, "MnR": mean}``
-    as Python floats (SPEC §4); the median is numpy's (mean of the middle two for even Q)."""
+    as Python floats (docs/math.md section 4); the median is numpy's (mean of the middle two for even Q)."""
     r = np.asarray(torch.as_tensor(ranks).detach().cpu().numpy(), dtype=np.float64).reshape(-1)
     if r.size == 0:
         raise ValueError("metrics of an empty rank vector")

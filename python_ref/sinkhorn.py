@@ -1,4 +1,4 @@
-"""Float64 oracle for the masses and log-domain Sinkhorn-Knopp (SPEC §1, §2).
+"""Float64 oracle for the masses and log-domain Sinkhorn-Knopp (docs/math.md sections 1, 2).
 
 Naive on purpose: full matrices, ``torch.logsumexp``, no chunking. Every function takes
 ``dtype`` (default float64) and does all its arithmetic in it.
@@ -29,7 +29,7 @@ _MASS_RTOL = 1e-5
 
 
 def masses(n, m, row_mass=None, col_mass=None, *, dtype=torch.float64, device=None):
-    """Row and column masses ``(r, c)`` by the rules of SPEC §1.
+    """Row and column masses ``(r, c)`` by the rules of docs/math.md section 1.
 
     Defaults ``r_i = 1``, ``c_j = sum(r) / M``; when only one is given the other is uniform
     with the same total; when both are given their totals must agree to 1e-5 (relative).
@@ -79,7 +79,7 @@ def _check_mass(x, length, name, dtype, device):
 
 
 def row_lse(scores, scale=1.0, g=None, *, dtype=torch.float64):
-    """``LSE_row_i(g) = logsumexp_j(scale * S_ij + g_j)`` (SPEC §2), shape (N,).
+    """``LSE_row_i(g) = logsumexp_j(scale * S_ij + g_j)`` (docs/math.md section 2), shape (N,).
 
     ``-inf`` entries are masks; a row that is all ``-inf`` gives ``-inf``. Differentiable
     (scores and a tensor scale keep their graph); no input checks.
@@ -92,7 +92,7 @@ def row_lse(scores, scale=1.0, g=None, *, dtype=torch.float64):
 
 
 def col_lse(scores, scale=1.0, f=None, *, dtype=torch.float64):
-    """``LSE_col_j(f) = logsumexp_i(scale * S_ij + f_i)`` (SPEC §2), shape (M,)."""
+    """``LSE_col_j(f) = logsumexp_i(scale * S_ij + f_i)`` (docs/math.md section 2), shape (M,)."""
     S = scores.to(dtype)
     L = masked_logits(S, scale_tensor(scale, dtype, S.device))
     if f is not None:
@@ -107,7 +107,7 @@ def _error(L, f, g, r):
 
 
 def sinkhorn_error(scores, scale, f, g, *, row_mass=None, col_mass=None, dtype=torch.float64):
-    """Row-marginal error of a pair (SPEC §2), a Python float:
+    """Row-marginal error of a pair (docs/math.md section 2), a Python float:
     ``sum_i |exp(f_i + LSE_row_i(g)) - r_i| / sum_i r_i``; rows with ``r_i == 0`` contribute 0."""
     n, m = scores.shape
     L = scale_value(scale) * scores.detach().to(dtype)
@@ -131,7 +131,7 @@ def sinkhorn(
     init_g=None,
     dtype=torch.float64,
 ):
-    """Log-domain Sinkhorn-Knopp on ``L = scale * S`` (SPEC §2), the naive oracle.
+    """Log-domain Sinkhorn-Knopp on ``L = scale * S`` (docs/math.md section 2), the naive oracle.
 
     One iteration: ``f = log r - LSE_row(g)``, ``g = log c - LSE_col(f)``, starting from
     ``g = init_g`` (default 0) with ``g_j = -inf`` where ``c_j == 0``. Zero mass gives a
@@ -143,7 +143,7 @@ def sinkhorn(
     ``-inf`` raises ``ValueError("... row i ...")`` (also when ``n_iters == 0``); likewise a
     column with positive mass after the first ``LSE_col`` (``"column j"``). Decision: a
     ``-inf`` in ``init_g`` is allowed and goes through the same check; NaN/+inf in scores
-    or ``init_g`` raise ``ValueError`` (SPEC §5). ``scale`` is used by value (no grad).
+    or ``init_g`` raise ``ValueError`` (docs/math.md section 5). ``scale`` is used by value (no grad).
     """
     check_matrix(scores, "scores")
     n, m = scores.shape
@@ -220,7 +220,7 @@ def sinkhorn_embeddings(
     init_g=None,
     dtype=torch.float64,
 ):
-    """:func:`sinkhorn` on ``S = x @ y.T`` formed in ``dtype`` (SPEC §1 embedding form)."""
+    """:func:`sinkhorn` on ``S = x @ y.T`` formed in ``dtype`` (docs/math.md section 1 embedding form)."""
     S = x.detach().to(dtype) @ y.detach().to(dtype).T
     return sinkhorn(
         S,

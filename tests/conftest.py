@@ -143,7 +143,7 @@ def rel_err(a, b):
 
 
 def assert_close(ours, ref64, ref32, dtype, what=""):
-    """SPEC.md section 5 tolerances for storage ``dtype``."""
+    """docs/math.md section 5 tolerances for storage ``dtype``."""
     err = rel_err(ours, ref64)
     if dtype == torch.float64:
         bound = 1e-10

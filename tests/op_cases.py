@@ -44,6 +44,7 @@ def primitive_cases(dtype=torch.float32, n=7, m=5, d=6, seed=1):
     return {
         "sinkhorn_step": [(S, 3.0, g, log_r), (strided, 3.0, g, log_r)],
         "sinkhorn_step_xy": [(x, y, 3.0, g, log_r)],
+        "target_logits_xy": [(xg, yg, 3.0, grad[7], grad[8])],
         "row_lse": [(S, 3.0, None), (strided, 3.0, g)],
         "col_lse": [(S, 3.0, None), (strided, 3.0, f)],
         "apply_biases_": [(S.clone(), 3.0, f, g), (strided.clone(), 2.0, None, g)],

@@ -2,7 +2,7 @@
 
 Every dense primitive of every GPU backend (``torch`` always, ``cuda`` and ``triton`` when
 usable) against
-the float64 oracle in ``python_ref``, with SPEC.md section 5 tolerances: every storage
+the float64 oracle in ``python_ref``, with docs/math.md section 5 tolerances: every storage
 dtype, awkward shapes (1, 7, 67, 1031; rows of >= 4096 elements take the block-per-row
 path; tall-thin blocks take col_lse's two-stage path), three layouts (contiguous; a view
 with 16-byte aligned rows; a view with a misaligned base and row stride, which takes the

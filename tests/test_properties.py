@@ -3,7 +3,7 @@
 Each property is checked on the backends usable on the CPU (``backend`` fixture): the
 pure-PyTorch one and the C++ one. Inputs are small and drawn fresh by hypothesis; the
 solutions are compared through gauge-invariant quantities where the property only holds up
-to the ``(f + k, g - k)`` freedom of SPEC.md section 2.
+to the ``(f + k, g - k)`` freedom of docs/math.md section 2.
 """
 
 import os
@@ -160,7 +160,7 @@ def test_loss_with_zero_iterations_is_clip(backend, problem):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_shifted_gauge_gives_the_same_loss(backend, dtype):
-    """Passing (f + k, g - k) instead of (f, g) does not change the loss (SPEC.md s.2)."""
+    """Passing (f + k, g - k) instead of (f, g) does not change the loss (docs/math.md 2)."""
     S = torch.randn(7, 7, generator=torch.Generator().manual_seed(3)).to(dtype) * 0.3
     res = nk.sinkhorn(S, 5.0, n_iters=4, tol=None, backend=backend)
     a = nk.ncl_loss(S, 5.0, f=res.f, g=res.g, backend=backend)

@@ -33,7 +33,8 @@ from conftest import (
 
 CPU_USABLE = nk.backends()["cpu"]["usable"]
 DENSE = ("row_lse", "col_lse", "ncl_grad_", "apply_biases_", "sinkhorn_step")
-STREAMING = ("row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy")
+STREAMING = ("row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy",
+             "target_logits_xy")
 
 
 # ---------------------------------------------------------------- declarations
@@ -118,7 +119,7 @@ def test_routes_with_both_kernels(usable):
     assert fast_routes() == {
         "row_lse": "triton", "col_lse": "cuda", "ncl_grad_": "cuda", "apply_biases_": "cuda",
         "sinkhorn_step": "cuda", "row_lse_xy": "triton", "col_lse_xy": "triton",
-        "ncl_grad_xy": "cuda", "sinkhorn_step_xy": "triton"}
+        "ncl_grad_xy": "cuda", "sinkhorn_step_xy": "cuda", "target_logits_xy": "triton"}
 
 
 def test_routes_with_cuda_only(usable):
@@ -132,7 +133,8 @@ def test_routes_with_triton_only(usable):
     assert fast_routes() == {
         "row_lse": "triton", "col_lse": "triton", "ncl_grad_": "triton",
         "apply_biases_": "triton", "sinkhorn_step": "triton", "row_lse_xy": "triton",
-        "col_lse_xy": "triton", "ncl_grad_xy": "torch", "sinkhorn_step_xy": "triton"}
+        "col_lse_xy": "triton", "ncl_grad_xy": "torch", "sinkhorn_step_xy": "triton",
+        "target_logits_xy": "triton"}
 
 
 def test_routes_with_neither(usable):
@@ -258,7 +260,7 @@ class WithStreaming(TorchBackend):
 CUDA_LIKE = {**{p: ALL for p in DENSE}, **{p: DERIVED for p in STREAMING},
              "sinkhorn_step": DERIVED}
 TRITON_LIKE = {**{p: FLOAT for p in PRIMITIVES}, "sinkhorn_step": DERIVED,
-               "sinkhorn_step_xy": DERIVED}
+               "sinkhorn_step_xy": DERIVED, "target_logits_xy": DERIVED}
 
 
 @pytest.fixture(scope="module")

@@ -84,19 +84,32 @@ def backend():
     return "triton"
 
 
+def install(monkeypatch, **config):
+    """A TritonBackend built with ``config``, installed as the registry's "triton" for one
+    test (the public API's ``backend="triton"`` then runs it too)."""
+    from ncl_kernels.backends import registry
+    from ncl_kernels.backends.triton.backend import TritonBackend
+    be = TritonBackend(**config)
+    monkeypatch.setitem(registry._instances, "triton", be)  # (undone after the test)
+    return be
+
+
 @pytest.fixture
-def be():
-    """The backend object itself, for the primitive-level tests."""
+def be(request):
+    """The backend object itself, for the primitive-level tests (configured by
+    ``blocks`` when a test takes both)."""
     if not INTERP:
         pytest.skip(_LANE)
+    if "blocks" in request.fixturenames:
+        request.getfixturevalue("blocks")
     return get_backend("triton", torch.device("cpu"))
 
 
 @pytest.fixture(params=[None, 16], ids=["default-blocks", "blocks16"])
 def blocks(request, monkeypatch):
     """Default launch blocks, and every block capped at 16: many masked tiles."""
-    from ncl_kernels.backends.triton.backend import TritonBackend
-    monkeypatch.setattr(TritonBackend, "block_cap", request.param)
+    if request.param is not None:
+        install(monkeypatch, block_cap=request.param)
 
 
 @pytest.mark.skipif(INTERP or ON_GPU, reason="the lane itself (or a GPU) is running")
@@ -120,55 +133,6 @@ def test_unusable_without_gpu_says_why():
     assert "TRITON_INTERPRET" in info["why"]
     with pytest.raises(ValueError, match="not usable"):
         nk.sinkhorn(torch.randn(3, 4), backend="triton")
-
-
-def _sm90_cases():
-    """(kernel, pointer types, constexprs, num_warps, num_stages) as the launchers use them."""
-    from ncl_kernels.backends.triton import dense, streaming
-    cases = []
-    for dt in ("bf16", "fp16", "fp32"):
-        p = "*" + dt
-        vec = {k: "*fp32" for k in ("F", "Gp", "G", "LSE_R", "LSE_C", "CR", "CC", "DS", "OUT")}
-        vec.update({"Y": "*i64", "Z": "*i64", "YT": "*i64", "ZT": "*i64", "S": p, "X": p,
-                    "Yp": p, "DX": p, "DY": p})
-        if dt != "fp32":
-            vec["OUT"] = "*fp32"
-        cases += [
-            (dense.row_lse_kernel, vec, {"HAS_G": True, "BLOCK_N": 4, "BLOCK_M": 1024}, 8, 3),
-            (dense.col_lse_kernel, vec, {"HAS_F": True, "BLOCK_N": 32, "BLOCK_M": 128}, 4, 3),
-            (dense.ncl_grad_kernel, dict(vec, OUT=p),
-             {"WRITE": True, "BLOCK_N": 32, "BLOCK_M": 128}, 4, 3),
-            (dense.apply_biases_kernel, vec,
-             {"HAS_F": True, "HAS_G": True, "BLOCK_N": 32, "BLOCK_M": 128}, 4, 3),
-        ]
-        wide = dt == "fp32"
-        tile = {"PRECISION": "ieee", "UPCAST": False, "BLOCK_M": 64, "BLOCK_D": 32 if wide else 64}
-        cases.append((streaming.row_lse_xy_kernel, vec,
-                       dict(tile, HAS_G=True, BLOCK_N=64 if wide else 128), 4 if wide else 8, 3))
-        grad = dict(tile, GRAD_PRECISION="ieee", BLOCK_N=64, BLOCK_DO=128)
-        cases.append((streaming.grad_dx_kernel, vec, dict(grad, WRITE=True), 8, 2))
-        cases.append((streaming.grad_dy_kernel, vec, grad, 8, 2))
-    return cases
-
-
-@pytest.mark.skipif(INTERP, reason="needs the compiled (not interpreted) kernels")
-def test_kernels_compile_for_sm90_without_a_gpu():
-    # The interpreter lane runs the kernels' arithmetic but not Triton's compiler: this
-    # lowers every kernel (every storage dtype, the launchers' block sizes) to an sm_90
-    # cubin with the ptxas Triton ships, so a kernel that only the GPU compiler rejects
-    # fails here, on CPU.
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    target = GPUTarget("cuda", 90, 32)
-    for fn, ptrs, consts, warps, stages in _sm90_cases():
-        sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "scale" else "i32")
-               for n in fn.arg_names}
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                target=target, options={"num_warps": warps,
-                                                        "num_stages": stages,
-                                                        "enable_fp_fusion": False})
-        assert kernel.asm["cubin"], fn.__name__
 
 
 def test_report_under_the_interpreter(be):
@@ -298,6 +262,34 @@ def test_row_and_col_lse_xy(be, blocks, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(1, 1, 5), (67, 45, 40)])
+def test_target_logits_round_as_the_lse_pass(be, blocks, dtype, shape):
+    # The loss subtracts each target logit from the LSE that contains it and must cancel
+    # it exactly (with one pair the loss is exactly 0). row_lse_xy with g = -inf but at
+    # column j returns the LSE pass's own logits of column j, at their tile positions
+    # (col_lse_xy with f = -inf but at row i: those of row i).
+    n, m, d = shape
+    x, y = random_embeddings(n, m, d, dtype, seed=d + 1)
+    gen = torch.Generator().manual_seed(n)
+    t = torch.randint(-1, m, (n,), generator=gen)
+    u = torch.randint(-1, n, (m,), generator=gen)
+    t[0], u[-1] = m - 1, 0
+    t_row, t_col = be.target_logits_xy(x, y, 15.0, t, u)
+    for tgt, ours, lse, size in ((t, t_row, be.row_lse_xy, m), (u, t_col, be.col_lse_xy, n)):
+        for j in {size - 1, *tgt[tgt >= 0].unique()[:2].tolist()}:
+            only_j = torch.full((size,), float("-inf"))
+            only_j[j] = 0.0
+            lines = tgt == j
+            assert torch.equal(ours[lines], lse(x, y, 15.0, only_j)[lines]), j
+    S64, S32 = x.double() @ y.double().T, x.float() @ y.float().T
+    rows, cols = torch.arange(n), torch.arange(m)
+    for keep, ours, at in ((t >= 0, t_row, (rows, t.clamp(min=0))),
+                           (u >= 0, t_col, (u.clamp(min=0), cols))):
+        assert_close(ours[keep], 15.0 * S64[at][keep], 15.0 * S32[at][keep], dtype, "targets")
+    assert float(nk.ncl_loss_embeddings(x[:1], y[:1], 15.0, backend="triton")) == 0.0
+
+
+@pytest.mark.parametrize("dtype", LOW)
 def test_strided_embeddings_and_masked_d(be, blocks, dtype):
     # x: a column slice of a wider matrix (row stride 77); y: a transposed view (stride 1
     # between rows): any strides are read as they are, no copy is needed
@@ -355,13 +347,112 @@ def test_wide_embedding_d1024(be):
     assert_close(ys.grad, y64.grad, y32.grad, torch.bfloat16, "dy")
 
 
-def test_dot_precision_is_checked(be, monkeypatch):
-    from ncl_kernels.backends import registry
-    kernels = registry.instance("triton")
-    monkeypatch.setattr(type(kernels), "dot_precision", "fast")
-    x, y = random_embeddings(5, 4, 16, torch.float32)
-    with pytest.raises(ValueError, match="dot_precision"):
-        be.row_lse_xy(x, y, 1.0)
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(1, 1, 5), (7, 5, 3), (67, 45, 40)])
+@pytest.mark.parametrize("programs", [1, 3])
+def test_fused_sinkhorn_step_matches_two_passes(be, dtype, shape, programs, monkeypatch):
+    # one launch per iteration: the row LSE and f as the two-pass form has them (same
+    # bits), the column LSE from per-program partials merged in program order
+    n, m, d = shape
+    be = install(monkeypatch, programs=programs)
+    x, y = random_embeddings(n, m, d, dtype, seed=n + d)
+    x = x.T.contiguous().T                      # column-major: strides (1, n)
+    r = torch.rand(n) + 0.5
+    r[::4] = 0.0                                 # zero-mass rows: f = -inf
+    log_r = torch.log(r)
+    _, g = _vectors(n, m, seed=4)               # zero-mass columns carry g = -inf
+    f, lse_row, lse_col = be.sinkhorn_step_xy(x, y, 7.0, g, log_r)
+    assert torch.equal(lse_row, be.row_lse_xy(x, y, 7.0, g))
+    assert torch.equal(f, torch.where(r > 0, log_r - lse_row, float("-inf")))
+    S64, S32 = x.double() @ y.double().T, x.float() @ y.float().T
+    assert_close(lse_col, ref.col_lse(S64, 7.0, f), ref.col_lse(S32, 7.0, f, dtype=torch.float32),
+                 dtype, "lse_col")
+    two_pass = be.col_lse_xy(x, y, 7.0, f)
+    assert torch.equal(torch.isneginf(lse_col), torch.isneginf(two_pass))
+    assert rel_err(lse_col, two_pass) < 1e-6
+    again = be.sinkhorn_step_xy(x, y, 7.0, g, log_r)
+    assert all(torch.equal(a, b) for a, b in zip(again, (f, lse_row, lse_col)))
+
+
+def _solve_fused(be, x, y, scale, n_iters):
+    """The Sinkhorn driver's iteration written on the fused step, as the driver can run it."""
+    r = torch.ones(x.shape[0])
+    c = torch.full((y.shape[0],), x.shape[0] / y.shape[0])
+    g = torch.zeros(y.shape[0])
+    for _ in range(n_iters):
+        f, _, lse_col = be.sinkhorn_step_xy(x, y, scale, g, torch.log(r))
+        g = torch.log(c) - lse_col
+    return f, g
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_sinkhorn_on_the_fused_step_matches_oracle(be, blocks, dtype):
+    x, y = random_embeddings(45, 67, 24, dtype, seed=6)
+    f, g = _solve_fused(be, x, y, 9.0, 5)
+    r64 = ref.sinkhorn_embeddings(x, y, 9.0, n_iters=5, tol=None)
+    r32 = ref.sinkhorn_embeddings(x, y, 9.0, n_iters=5, tol=None, dtype=torch.float32)
+    assert_close(f, r64.f, r32.f, dtype, "f")
+    assert_close(g, r64.g, r32.g, dtype, "g")
+
+
+def test_persistent_programs_do_not_change_the_bits(be, monkeypatch):
+    # row and column LSE passes: a block's result does not depend on which program ran it
+    x, y = random_embeddings(67, 45, 40, torch.bfloat16, seed=7)
+    _, g = _vectors(67, 45, seed=5)
+    f, _ = _vectors(67, 45, seed=6)
+    outs = [(b.row_lse_xy(x, y, 5.0, g), b.col_lse_xy(x, y, 5.0, f))
+            for b in (install(monkeypatch, programs=p, block_cap=16) for p in (1, 2, 5))]
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other))
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("config", [{"grad_split": False}, {"grad_block_do": 16}],
+                         ids=["single-G", "output-blocks-16"])
+def test_ncl_grad_xy_configurations(dtype, config, monkeypatch):
+    # the rounded-once G (one product) stays within docs/math.md section 5 on these
+    # inputs; output blocks narrower than D form S once per block (several grid columns)
+    if not INTERP:
+        pytest.skip(_LANE)
+    be = install(monkeypatch, **config)
+    x, y = random_embeddings(67, 45, 40, dtype, seed=14)
+    S = x.float() @ y.float().T
+    args = _grad_inputs(S, 13.0, seed=15)
+    f, g = args[0].clone(), args[1].clone()
+    f[3], g[5] = float("-inf"), float("-inf")            # zero-mass row and column
+    lse_row = ref.row_lse(S, 13.0, g, dtype=torch.float32).float()
+    lse_col = ref.col_lse(S, 13.0, f, dtype=torch.float32).float()
+    args = (f, g, lse_row, lse_col) + tuple(args[4:])
+    dX, dY, ds = be.ncl_grad_xy(x, y, 13.0, *args)
+    G = torch.empty_like(S)
+    ds_dense = get_backend("torch", torch.device("cpu")).ncl_grad_(S, 13.0, *args, out=G)
+    assert rel_err(ds, ds_dense) < 1e-5
+    assert_close(dX, G.double() @ y.double(), (G @ y.float()).to(dtype), dtype, "dX")
+    assert_close(dY, G.double().T @ x.double(), (G.T @ x.float()).to(dtype), dtype, "dY")
+    again = be.ncl_grad_xy(x, y, 13.0, *args)
+    assert torch.equal(again[0], dX) and torch.equal(again[1], dY) and float(again[2]) == float(ds)
+
+
+def test_one_pair_loss_and_gradient_are_exactly_zero(be):
+    # LSE over one entry is that entry, the softmax over it exactly 1: the loss and its
+    # gradients cancel exactly when every pass forms the logit with the same bits
+    for dtype in LOW:
+        for d in (5, 40, 130):
+            x, y = random_embeddings(1, 1, d, dtype, seed=d)
+            xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+            s = torch.tensor(15.0, requires_grad=True)
+            loss = nk.ncl_loss_embeddings(xs, ys, s, backend="triton")
+            loss.backward()
+            assert float(loss.detach()) == 0.0, (dtype, d)
+            assert (xs.grad == 0).all() and (ys.grad == 0).all() and float(s.grad) == 0.0
+
+
+def test_configuration_is_checked():
+    from ncl_kernels.backends.triton.backend import TritonBackend
+    for bad in ({"dot_precision": "fast"}, {"block_cap": 8}, {"grad_block_do": 48},
+                {"programs": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TritonBackend(**bad)
 
 
 # -- CUDA: the same checks at larger shapes ----------------------------------------------
@@ -429,7 +520,66 @@ def test_gpu_embeddings(dtype, shape):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("shape", [(1031, 4099, 512), (4099, 1031, 130)])
+def test_gpu_fused_step_grad_and_repeatability(dtype, shape, monkeypatch):
+    n, m, d = shape
+    x, y = (t.cuda() for t in random_embeddings(n, m, d, dtype, seed=d))
+    be = install(monkeypatch)
+    g = torch.randn(m, device="cuda")
+    log_r = torch.zeros(n, device="cuda")
+    f, lse_row, lse_col = be.sinkhorn_step_xy(x, y, 11.0, g, log_r)
+    assert torch.equal(lse_row, be.row_lse_xy(x, y, 11.0, g))
+    assert torch.equal(f, log_r - lse_row)
+    assert rel_err(lse_col.cpu(), be.col_lse_xy(x, y, 11.0, f).cpu()) < 1e-6
+    S64 = x.double().cpu() @ y.double().cpu().T
+    S32 = x.float().cpu() @ y.float().cpu().T
+    assert_close(lse_col.cpu(), ref.col_lse(S64, 11.0, f.cpu()),
+                 ref.col_lse(S32, 11.0, f.cpu(), dtype=torch.float32), dtype, "lse_col")
+    # the persistent grid's size does not change a row block's bits
+    other = install(monkeypatch, programs=7)
+    assert torch.equal(other.row_lse_xy(x, y, 11.0, g), lse_row)
+    # the gradient: twice the same bits, and the split and single G within tolerance
+    args = (f, g - 0.1, lse_row, lse_col, torch.full((n,), 0.5 / n, device="cuda"),
+            torch.full((m,), 0.5 / m, device="cuda"), torch.arange(n, device="cuda") % m,
+            torch.arange(m, device="cuda") % n)
+    lse_r = be.row_lse_xy(x, y, 11.0, args[1])
+    args = (args[0], args[1], lse_r) + args[3:]
+    first = be.ncl_grad_xy(x, y, 11.0, *args)
+    again = be.ncl_grad_xy(x, y, 11.0, *args)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    ref_be = get_backend("torch", torch.device("cuda"))
+    want = ref_be.ncl_grad_xy(x, y, 11.0, *args)
+    single = install(monkeypatch, grad_split=False).ncl_grad_xy(x, y, 11.0, *args)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for ours in (first, single):
+        assert rel_err(ours[0].float().cpu(), want[0].float().cpu()) < tol
+        assert rel_err(ours[1].float().cpu(), want[1].float().cpu()) < tol
+        assert rel_err(ours[2].cpu(), want[2].cpu()) < 1e-4
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("d", [8, 130, 512, 1024])
+def test_gpu_one_pair_loss_and_gradient_are_exactly_zero(dtype, d):
+    # every pass forms the one logit with the same bits (the tensor cores' chain of
+    # k-steps, in either orientation): the loss and its gradients cancel exactly
+    x, y = (t.cuda().requires_grad_() for t in random_embeddings(1, 1, d, dtype, seed=d))
+    s = torch.tensor(15.0, device="cuda", requires_grad=True)
+    loss = nk.ncl_loss_embeddings(x, y, s, backend="triton")
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert (x.grad == 0).all() and (y.grad == 0).all() and float(s.grad) == 0.0
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_gpu_bench_entry_points_smoke():
-    from ncl_kernels.backends.triton import bench
-    for row in bench.run(small=True):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import triton_entry
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    for row in triton_entry.run(small=True):
         assert row["ok"], row

@@ -2,7 +2,7 @@
 //
 // Everything numerically delicate lives here exactly once, so the two backends cannot
 // drift apart: low-precision storage -> float conversion, the online log-sum-exp state,
-// and the NCL gradient element (SPEC.md §3).
+// and the NCL gradient element (docs/math.md section 3).
 #pragma once
 
 #include <cstdint>
@@ -33,7 +33,7 @@ enum DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 struct f16_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 
-// The dtype code -> (storage type, accumulation type) table of SPEC.md section 1, written
+// The dtype code -> (storage type, accumulation type) table of docs/math.md section 1, written
 // once for every CPU and CUDA entry point: `return FN<Storage, Acc>(args...)`, or the
 // statement ON_UNKNOWN for a code outside the table.
 #define NCL_DTYPE_SWITCH(dtype, FN, ON_UNKNOWN, ...)                   \
@@ -182,7 +182,7 @@ NCL_HD T exp_diff(T a, T b) {
   return a == neg_inf<T>() ? T(0) : ncl_exp(a - b);
 }
 
-// One element of the NCL gradient w.r.t. the logits (SPEC.md §3):
+// One element of the NCL gradient w.r.t. the logits (docs/math.md section 3):
 //
 //   G_ij = crow * (p_row - [j == y_i]) + ccol * (p_col - [i == z_j])
 //   p_row = exp(l + g_j - lse_row_i),  p_col = exp(l + f_i - lse_col_j)

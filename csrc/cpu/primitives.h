@@ -35,7 +35,7 @@ void row_lse(const void* S, int64_t n, int64_t m, int64_t row_stride, int dtype,
 void col_lse(const void* S, int64_t n, int64_t m, int64_t row_stride, int dtype,
              double scale, const void* f, void* out, void* out_sum, int n_threads);
 
-// The NCL gradient pass (SPEC.md section 3) over one block of rows whose first row has the
+// The NCL gradient pass (docs/math.md section 3) over one block of rows whose first row has the
 // global index row_offset. Returns sum_ij G_ij S_ij over unmasked S (in double) and, when
 // out != nullptr, writes scale * G into out (S itself: each element is read before it is
 // written; or another block of `dtype` with row stride out_row_stride).

@@ -129,6 +129,7 @@ SPEC = BackendSpec(
     factory=CpuBackend,
     kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
              "sinkhorn_step": ALL, "row_lse_xy": DERIVED, "col_lse_xy": DERIVED,
-             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED},
+             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED,
+             "target_logits_xy": DERIVED},
     build="C++17/OpenMP module ncl_kernels._C_cpu (csrc/cpu), always built by pip install",
 )

@@ -120,7 +120,8 @@ SPEC = BackendSpec(
     factory=CudaBackend,
     kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
              "sinkhorn_step": DERIVED, "row_lse_xy": DERIVED, "col_lse_xy": DERIVED,
-             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED},
+             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED,
+             "target_logits_xy": DERIVED},
     build="CUDA module ncl_kernels._C_cuda (csrc/cuda), built by pip install when nvcc is "
           "found (NCL_CUDA=AUTO|ON|OFF)",
 )

@@ -7,6 +7,9 @@
   dense passes with the same budget.
 * A Sinkhorn iteration (``sinkhorn_step``, ``sinkhorn_step_xy``) as a row pass, the
   potential update and a column pass: two reads of S where a fused kernel needs one.
+* The targets' logits on embeddings (``target_logits_xy``) as elementwise products: what
+  BLAS-chunked streaming forms bit for bit where it matters (a backend whose tiles round
+  differently, Triton, reads them off its own tiles instead).
 
 The registry resolves the primitives a derived one is built from under the same backend
 name as the call (so ``auto``'s derived step runs ``auto``'s row and column routes).
@@ -105,3 +108,12 @@ def sinkhorn_step_xy(row_lse_xy: Callable, col_lse_xy: Callable, X: Tensor, Y: T
     """:func:`iteration` on ``S = X @ Y.T``, from its streaming passes."""
     return iteration(lambda g_: row_lse_xy(X, Y, scale, g_),
                      lambda f_: col_lse_xy(X, Y, scale, f_), g, log_r)
+
+
+def target_logits_xy(X: Tensor, Y: Tensor, scale: float, y: Tensor, z: Tensor):
+    """``(scale * <x_i, y_{y_i}>, scale * <x_{z_j}, y_j>)`` in the accumulation dtype (any
+    finite value where a target is -1): O((N + M) D)."""
+    acc = acc_dtype(X.dtype)
+    Xa, Ya = X.to(acc), Y.to(acc)
+    return ((Xa * Ya[y.clamp(min=0)]).sum(1) * scale,
+            (Xa[z.clamp(min=0)] * Ya).sum(1) * scale)

@@ -43,9 +43,13 @@ from .spec import DERIVED, DERIVED_FROM, PRIMITIVES, BackendSpec
 ROUTES: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "cpu": {p: ("cpu", "torch") for p in PRIMITIVES},
     "cuda": {
-        # a step no GPU backend fuses (yet): derived from the row and column routes below
+        # the steps: derived from the row and column routes below (the CUDA module has no
+        # fused step; Triton's fused streaming step is not measured yet, so auto keeps the
+        # two passes G1 measured: "cuda" first, whose step is derived)
         "sinkhorn_step": ("cuda", "triton", "torch"),
-        "sinkhorn_step_xy": ("triton", "cuda", "torch"),
+        "sinkhorn_step_xy": ("cuda", "triton", "torch"),
+        # the targets' logits follow the streaming LSE passes they must agree with bitwise
+        "target_logits_xy": ("triton", "cuda", "torch"),
         "row_lse": ("triton", "cuda", "torch"),
         "col_lse": ("cuda", "triton", "torch"),
         "ncl_grad_": ("cuda", "triton", "torch"),
@@ -68,8 +72,26 @@ def _declared() -> Dict[str, BackendSpec]:
     return {s.name: s for s in (TORCH, CPU, CUDA, TRITON)}
 
 
+class _Instances(dict):
+    """The kernel objects by backend name. Resolved kernels are cached, so replacing an
+    object (``replaced``, or a test's ``monkeypatch.setitem``) drops the cache."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        clear_caches()
+
+    def __delitem__(self, key):
+        super().__delitem__(key)
+        clear_caches()
+
+    def pop(self, key, *default):
+        out = super().pop(key, *default)
+        clear_caches()
+        return out
+
+
 SPECS: Dict[str, BackendSpec] = _declared()
-_instances: Dict[str, object] = {}
+_instances: Dict[str, object] = _Instances()
 _listeners: List[Callable[[BackendSpec], None]] = []
 
 
@@ -127,7 +149,6 @@ def replaced(name: str, obj):
     had = name in _instances
     old = _instances.get(name)
     _instances[name] = obj
-    clear_caches()
     try:
         yield obj
     finally:
@@ -135,7 +156,6 @@ def replaced(name: str, obj):
             _instances[name] = old
         else:
             _instances.pop(name, None)
-        clear_caches()
 
 
 # -- status -------------------------------------------------------------------------------

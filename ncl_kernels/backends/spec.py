@@ -15,13 +15,14 @@ from .._dtypes import FLOAT_DTYPES, STORAGE_DTYPES
 
 #: the seam: every backend has an entry for each of these (docs/extending.md)
 PRIMITIVES = ("row_lse", "col_lse", "ncl_grad_", "apply_biases_", "sinkhorn_step",
-              "row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy")
+              "row_lse_xy", "col_lse_xy", "ncl_grad_xy", "sinkhorn_step_xy",
+              "target_logits_xy")
 #: a primitive built from others (see :mod:`.derived`)
 DERIVED = "derived"
 #: what each primitive that may be derived is built from
 DERIVED_FROM = {"row_lse_xy": ("row_lse",), "col_lse_xy": ("row_lse",),
                 "ncl_grad_xy": ("ncl_grad_",), "sinkhorn_step": ("row_lse", "col_lse"),
-                "sinkhorn_step_xy": ("row_lse_xy", "col_lse_xy")}
+                "sinkhorn_step_xy": ("row_lse_xy", "col_lse_xy"), "target_logits_xy": ()}
 
 ALL = frozenset(STORAGE_DTYPES)
 FLOAT = frozenset(FLOAT_DTYPES)

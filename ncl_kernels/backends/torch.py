@@ -117,7 +117,8 @@ SPEC = BackendSpec(
     factory=TorchBackend,
     kernels={"row_lse": ALL, "col_lse": ALL, "ncl_grad_": ALL, "apply_biases_": ALL,
              "sinkhorn_step": DERIVED, "row_lse_xy": DERIVED, "col_lse_xy": DERIVED,
-             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED},
+             "ncl_grad_xy": DERIVED, "sinkhorn_step_xy": DERIVED,
+             "target_logits_xy": DERIVED},
     build="pure PyTorch: always available, on every device",
     fallback=None,
 )

@@ -1,4 +1,4 @@
-"""Retrieval at test time (SPEC.md section 4): gallery biases, ranks, top-k, metrics.
+"""Retrieval at test time (docs/math.md section 4): gallery biases, ranks, top-k, metrics.
 
 * :func:`gallery_bias` — NCL (Sinkhorn against a bank of training queries) or QB-Norm
   biases, streamed through the backend seam.

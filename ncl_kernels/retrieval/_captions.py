@@ -22,7 +22,7 @@ def video_to_text_targets(caption_to_video: Tensor, n_videos=None) -> Tensor:
     video ``v`` in increasing order, padded with -1; ``P`` is the largest caption count.
 
     With these targets :func:`ranks` gives each video the best rank among its captions
-    (SPEC.md section 4). ``n_videos`` defaults to ``max(caption_to_video) + 1``; a video
+    (docs/math.md section 4). ``n_videos`` defaults to ``max(caption_to_video) + 1``; a video
     with no caption gets a row of -1, which :func:`ranks` rejects (drop that video from
     the queries first).
     """

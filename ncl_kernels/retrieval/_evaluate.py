@@ -1,4 +1,4 @@
-"""``evaluate``: ranks and metrics under one gallery normalization (SPEC.md section 4)."""
+"""``evaluate``: ranks and metrics under one gallery normalization (docs/math.md section 4)."""
 
 from __future__ import annotations
 

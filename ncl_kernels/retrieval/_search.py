@@ -24,7 +24,7 @@ def linear_scorer(queries, gallery, scale, bias, chunk):
 
 def ranks(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
           bias: Tensor | None = None, chunk: int | None = None) -> Tensor:
-    """Rank of each query's positive: ``1 + #{j != t : score_j >= score_t}`` (SPEC.md 4).
+    """Rank of each query's positive: ``1 + #{j != t : score_j >= score_t}`` (docs/math.md 4).
 
     Scores are ``scale * <q, y_j> + bias_j``, formed in float32 (float64 for float64
     embeddings); a tie counts against the query and is an exact (bitwise) comparison of

@@ -76,8 +76,9 @@ SPEC = BackendSpec(
     status=status,
     factory=make_backend,
     kernels={**{p: FLOAT for p in ("row_lse", "col_lse", "ncl_grad_", "apply_biases_",
-                                   "row_lse_xy", "col_lse_xy", "ncl_grad_xy")},
-             "sinkhorn_step": DERIVED, "sinkhorn_step_xy": DERIVED},
+                                   "row_lse_xy", "col_lse_xy", "ncl_grad_xy",
+                                   "sinkhorn_step_xy", "target_logits_xy")},
+             "sinkhorn_step": DERIVED},
     build="Triton kernels (ncl_kernels/backends/triton), compiled on first use; needs "
           "pip install 'ncl_kernels[triton]' and a CUDA GPU, or TRITON_INTERPRET=1",
 )

@@ -5,14 +5,20 @@ strides are passed). Logits ``L = scale * S`` are formed in float32 in the kerne
 stored; every expression rounds exactly as the PyTorch backend's does (``(s*S + g) - lse``)
 so that a softmax that should be exactly 1 is.
 
-* ``row_lse``: one program per block of rows, walking the columns with an online
-  (running max, running sum) merge.
-* ``col_lse``: a 2-D grid (column blocks x row splits). A column strip alone gives too few
-  programs when M is small relative to the SM count, so the rows are split, each program
-  returns a partial LSE and a ``logsumexp`` over the (few) splits merges them.
+* ``row_lse``: persistent programs over blocks of rows, walking the columns. Each thread
+  keeps a running (max, sum) per row for its own vector of columns: a tile costs one
+  ``exp`` per element plus one rescale per vector, and the threads' states are merged
+  once per row block, not once per tile.
+* ``col_lse``: a 2-D grid (column blocks x row splits) sized to the device. Each thread
+  owns a vector of columns across every row of a step, so the reduction over rows stays
+  within threads; each program returns a partial LSE and a ``logsumexp`` over the (few)
+  splits merges them.
 * ``ncl_grad``: a 2-D grid of tiles; each writes ``scale * G`` (in place or not) and a
   partial ``sum G * S`` (one float32 per tile, summed afterwards: deterministic).
 * ``apply_biases``: a 2-D grid of tiles, ``S <- (s*S + f_i) + g_j`` rounded once.
+
+``INTERP`` (the kernels run in Triton's interpreter) selects the interpreter's stand-ins
+for what it does differently from the GPU (``round_to``).
 """
 
 from __future__ import annotations
@@ -54,15 +60,15 @@ def _finish(m, acc):
 
 
 @triton.jit
-def round_to(x, dtype: tl.constexpr):
+def round_to(x, dtype: tl.constexpr, INTERP: tl.constexpr):
     """``x`` (float32) rounded to nearest-even in ``dtype``, as PyTorch's ``.to`` rounds.
 
-    bfloat16 is rounded by hand on the bits (add half an ulp, ties to even, drop the low
-    16 bits), then cast exactly: Triton's interpreter truncates a float32 -> bfloat16 cast,
-    the GPU rounds; this way both give PyTorch's result and the lane tests the GPU's bits.
-    Inputs are finite or -inf (both survive: -inf's low bits are zero).
+    The GPU's conversion rounds so; Triton's interpreter truncates a float32 -> bfloat16
+    cast, so there bfloat16 is rounded by hand on the bits (add half an ulp, ties to even,
+    drop the low 16 bits), then cast exactly. Inputs are finite or -inf (both survive:
+    -inf's low bits are zero).
     """
-    if dtype == tl.bfloat16:
+    if INTERP and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
@@ -73,24 +79,40 @@ def round_to(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def row_lse_kernel(S, G, OUT, N, M, stride_n, stride_m, scale,
-                   HAS_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    row_ptr = S + rows.to(tl.int64)[:, None] * stride_n
-    for start in range(0, M, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < M
-        ok = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(row_ptr + cols[None, :].to(tl.int64) * stride_m, mask=ok, other=NEG_INF)
-        x = x.to(tl.float32) * scale
-        if HAS_G:
-            x = x + tl.load(G + cols, mask=col_ok, other=NEG_INF)[None, :]
-        m, acc = _online_merge(m, acc, x)
-    tl.store(OUT + rows, _finish(m, acc), mask=row_ok)
+def row_lse_kernel(S, G, OUT, N, M, stride_n, stride_m, scale, HAS_G: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, VEC: tl.constexpr):
+    """Row LSE over blocks of ``BLOCK_N`` rows, persistent (a grid sized to the device).
+
+    A step loads a ``(BLOCK_N, BLOCK_M // VEC, VEC)`` tile: the last axis is one thread's
+    vector of adjacent columns, so the per-vector max and sum need no other thread.
+    """
+    LANES: tl.constexpr = BLOCK_M // VEC
+    lane = tl.arange(0, LANES)[None, :, None] * VEC + tl.arange(0, VEC)[None, None, :]
+    for b in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = (rows < N)[:, None, None]
+        row_ptr = S + rows.to(tl.int64)[:, None, None] * stride_n
+        m = tl.full((BLOCK_N, LANES), NEG_INF, tl.float32)
+        acc = tl.zeros((BLOCK_N, LANES), tl.float32)
+        for start in range(0, M, BLOCK_M):
+            cols = start + lane
+            col_ok = cols < M
+            x = tl.load(row_ptr + cols.to(tl.int64) * stride_m, mask=row_ok & col_ok,
+                        other=NEG_INF)
+            x = x.to(tl.float32) * scale
+            if HAS_G:
+                # a 1-D load reshaped: the small vector, not the tile, changes layout
+                gc = start + tl.arange(0, BLOCK_M)
+                gv = tl.load(G + gc, mask=gc < M, other=NEG_INF)
+                x = x + tl.reshape(gv, (LANES, VEC))[None, :, :]
+            m_new = tl.maximum(m, tl.max(x, axis=2))
+            shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+            acc = acc * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, :, None]), axis=2)
+            m = m_new
+        top = tl.max(m, axis=1)
+        shift = tl.where(top == NEG_INF, 0.0, top)
+        total = tl.sum(acc * tl.exp(m - shift[:, None]), axis=1)
+        tl.store(OUT + rows, _finish(top, total), mask=rows < N)
 
 
 @triton.jit
@@ -122,22 +144,19 @@ def col_lse_kernel(S, F, OUT, N, M, stride_n, stride_m, scale, rows_per_split,
 
 @triton.jit
 def grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, is_y, is_z):
-    """The gradient element of SPEC.md section 3 on a float32 tile of scores ``x``.
+    """The gradient element of docs/math.md section 3 on a float32 tile of scores ``x``.
 
     ``f, lse_r, cr`` are (rows, 1), ``g, lse_c, cc`` (1, cols), ``is_y``/``is_z`` the
-    target indicators. Shared by the dense kernel and both streaming gradient kernels so
+    target indicators. Shared by the dense kernel and the streaming gradient kernels so
     they cannot drift apart. A softmax whose LSE is ``-inf`` (an all-masked or zero-mass
-    line) contributes 0, never NaN.
+    line) contributes 0, never NaN: its LSE is replaced by ``+inf`` on the (rows, 1) or
+    (1, cols) vector, so every logit minus it is ``-inf`` with no per-element select.
     """
     L = x * scale
     # Lanes outside the matrix carry f, g, lse = -inf (see the loads), so they give 0 too.
-    # Both sides of tl.where are evaluated: subtract a finite stand-in for a -inf LSE so
-    # that no inf - inf (NaN) or overflowing exp is formed even in the discarded side.
-    lse_r_ok = tl.where(lse_r == NEG_INF, 0.0, lse_r)
-    lse_c_ok = tl.where(lse_c == NEG_INF, 0.0, lse_c)
-    p_row = tl.exp(tl.where(lse_r == NEG_INF, NEG_INF, (L + g) - lse_r_ok))
-    p_col = tl.exp(tl.where(lse_c == NEG_INF, NEG_INF, (L + f) - lse_c_ok))
-    G = cr * p_row + cc * p_col
+    lse_r_ok = tl.where(lse_r == NEG_INF, float("inf"), lse_r)
+    lse_c_ok = tl.where(lse_c == NEG_INF, float("inf"), lse_c)
+    G = cr * tl.exp((L + g) - lse_r_ok) + cc * tl.exp((L + f) - lse_c_ok)
     G = G - tl.where(is_y, cr, 0.0)
     G = G - tl.where(is_z, cc, 0.0)
     return G
@@ -146,7 +165,8 @@ def grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, is_y, is_z):
 @triton.jit
 def ncl_grad_kernel(S, OUT, DS, F, Gp, LSE_R, LSE_C, CR, CC, Y, Z, N, M,
                     stride_n, stride_m, out_stride_n, out_stride_m, scale, row_offset,
-                    WRITE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                    WRITE: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -160,25 +180,26 @@ def ncl_grad_kernel(S, OUT, DS, F, Gp, LSE_R, LSE_C, CR, CC, Y, Z, N, M,
     f = tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
     lse_r = tl.load(LSE_R + rows, mask=row_ok, other=NEG_INF)[:, None]
     cr = tl.load(CR + rows, mask=row_ok, other=0.0)[:, None]
-    yt = tl.load(Y + rows, mask=row_ok, other=-1)[:, None]
+    yt = tl.load(Y + rows, mask=row_ok, other=-1).to(tl.int32)[:, None]
     g = tl.load(Gp + cols, mask=col_ok, other=NEG_INF)[None, :]
     lse_c = tl.load(LSE_C + cols, mask=col_ok, other=NEG_INF)[None, :]
     cc = tl.load(CC + cols, mask=col_ok, other=0.0)[None, :]
-    zt = tl.load(Z + cols, mask=col_ok, other=-1)[None, :]
+    # the column targets as local rows (-1 - row_offset for none: never a row here)
+    zt = (tl.load(Z + cols, mask=col_ok, other=-1) - row_offset).to(tl.int32)[None, :]
     G = grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, yt == cols[None, :],
-                  zt == (rows[:, None] + row_offset))
+                  zt == rows[:, None])
     G = tl.where(ok, G, 0.0)
     # masked (-inf) scores do not depend on the scale: they add nothing to dscale
     part = tl.sum(tl.sum(G * tl.where(x == NEG_INF, 0.0, x), axis=1), axis=0)
     tl.store(DS + pid_n * tl.num_programs(1) + pid_m, part)
     if WRITE:
         optr = OUT + r64 * out_stride_n + c64 * out_stride_m
-        tl.store(optr, round_to(G * scale, OUT.dtype.element_ty), mask=ok)
+        tl.store(optr, round_to(G * scale, OUT.dtype.element_ty, INTERP), mask=ok)
 
 
 @triton.jit
 def apply_biases_kernel(S, F, Gp, N, M, stride_n, stride_m, scale,
-                        HAS_F: tl.constexpr, HAS_G: tl.constexpr,
+                        HAS_F: tl.constexpr, HAS_G: tl.constexpr, INTERP: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -193,4 +214,4 @@ def apply_biases_kernel(S, F, Gp, N, M, stride_n, stride_m, scale,
         x = x + tl.load(F + rows, mask=row_ok, other=0.0)[:, None]
     if HAS_G:
         x = x + tl.load(Gp + cols, mask=col_ok, other=0.0)[None, :]
-    tl.store(ptr, round_to(x, S.dtype.element_ty), mask=ok)
+    tl.store(ptr, round_to(x, S.dtype.element_ty, INTERP), mask=ok)

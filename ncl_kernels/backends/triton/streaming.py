@@ -1,27 +1,34 @@
-"""Flash-style Triton kernels on ``S = X @ Y.T``: tiles through ``tl.dot``, never stored.
+"""Flash-style forward kernels on ``S = X @ Y.T``: score tiles through ``tl.dot``, never stored.
 
-Embeddings X (N x D) and Y (M x D) in float32, bfloat16 or float16, any strides, any D
-(the reduction over D runs in masked blocks of ``BLOCK_D``, so D need not be a power of
-two; there is no upper limit, only the cost of more blocks).
+Embeddings X (N x D) and Y (M x D) in float32, bfloat16 or float16, any strides. ``D`` is
+a compile-time constant (one compiled kernel per width): the reduction over D runs in
+``BLOCK_D`` chunks whose count the compiler knows, and only a ragged last chunk is masked.
 
-Dot precision (the ``PRECISION`` constexpr, ``tl.dot``'s ``input_precision``):
+Every score tile is ``X[rows] @ Y[cols].T`` for a row block and a column block of the
+same ``(BLOCK_N, BLOCK_M)`` grid, in this orientation, formed by ``_tile_step`` chunk by
+chunk (configs.py says why the passes share the blocks). Row and column indices are
+clamped into the matrix, so the loads need no masks; lanes past the edge are discarded
+(logit ``-inf``) before any reduction.
 
-* bfloat16/float16 embeddings: the score tiles run on tensor cores in the storage dtype
-  with float32 accumulation; every product of two 8/11-bit mantissas is exact in float32,
-  so this matches ``X.float() @ Y.float().T`` up to summation order.
-* float32 embeddings and every product with the float32 gradient tile ``G`` use the
-  backend's ``dot_precision``: ``"ieee"`` by default (true float32, no tf32), or
-  ``"tf32x3"`` (near-float32 accuracy on tensor cores) / ``"tf32"`` (about 1e-3 relative:
-  outside SPEC.md's float32 tolerance) when the caller opts in.
+* ``row_lse_xy_kernel`` / ``col_lse_xy_kernel``: persistent programs over row (column)
+  blocks; each sweeps the other operand with one flat loop over (tile, D chunk), so the
+  software pipeline keeps loading across tile boundaries, and merges each finished tile
+  into a running (max, sum).
+* ``sinkhorn_step_xy_kernel``: one Sinkhorn iteration in one launch. A row block's LSE
+  and its ``f``, then a second sweep over the same Y stream folds the block's column
+  partials (max, sum) into its program's row of a partial buffer; ``col_merge_kernel``
+  merges the programs' partials in program order (deterministic: no atomics).
+* ``target_logits_xy_kernel``: the loss's target logits, read off the very tiles the LSE
+  passes form them in.
 
-Gradient plan (``ncl_grad_xy``): one kernel over row blocks of X accumulates
-``dX = scale * G @ Y`` (and the ``sum G * S`` for ``dscale``), one over column blocks of Y
-accumulates ``dY = scale * G.T @ X``; each recomputes its tiles of ``S`` and ``G``. The
-output D is split over a second grid axis in blocks of ``BLOCK_DO`` to bound the float32
-accumulator (registers), at the price of recomputing ``S`` once per output block. Every
-tile is computed in the ``X @ Y.T`` orientation, as in ``row_lse_xy``, so the logits of
-the gradient round like those of the forward. Nothing is written with atomics: the
-result is deterministic.
+Dot precision (``PRECISION``, ``tl.dot``'s ``input_precision``): 16-bit operands run on
+tensor cores in their dtype with float32 accumulation (the products are exact in float32);
+float32 operands use the backend's ``dot_precision`` ("tf32x3" by default: near-float32
+accuracy on tensor cores).
+
+``INTERP`` (Triton's interpreter runs the kernel, on CPU tensors) turns 16-bit operands
+into float32 before a dot: the interpreter multiplies the raw bits of bfloat16 operands.
+Exact, as the products are exact in float32.
 """
 
 from __future__ import annotations
@@ -29,139 +36,220 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dense import _finish, _online_merge, grad_tile, round_to
+from .dense import _finish, _online_merge, _online_merge_cols
 
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``X[rows] @ Y[cols].T`` as a float32 (BLOCK_N, BLOCK_M) tile; 0 outside the matrix.
+def _load_block(P, idx, ks, stride_n, stride_d, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``P[idx, ks]`` (``idx`` already clamped); only a ragged last D chunk is masked."""
+    ptr = P + idx.to(tl.int64)[:, None] * stride_n + ks.to(tl.int64)[None, :] * stride_d
+    if D % BLOCK_D == 0:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=(ks < D)[None, :], other=0.0)
 
-    ``UPCAST`` (interpreter only) turns the operands into float32 before the dot: Triton's
-    interpreter multiplies the raw uint16 bits of bfloat16 operands. Exact: the product of
-    two bfloat16 values is exact in float32, as on the tensor cores.
-    """
+
+@triton.jit
+def _tile_step(X, Yp, rows_c, cols_c, k, acc, sxn, sxd, syn, syd,
+               D: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """``acc + X[rows, k:k+BLOCK_D] @ Y[cols, k:k+BLOCK_D].T``: one chunk of a score tile."""
+    ks = k + tl.arange(0, BLOCK_D)
+    x = _load_block(X, rows_c, ks, sxn, sxd, D, BLOCK_D)
+    y = _load_block(Yp, cols_c, ks, syn, syd, D, BLOCK_D)
+    if INTERP:
+        x = x.to(tl.float32)
+        y = y.to(tl.float32)
+    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _tile(X, Yp, rows_c, cols_c, sxn, sxd, syn, syd, D: tl.constexpr,
+          PRECISION: tl.constexpr, INTERP: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A whole score tile: the chunks of ``_tile_step`` in order, from zero."""
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-    row_ok = rows < N
-    col_ok = cols < M
-    xr = X + rows.to(tl.int64)[:, None] * sxn
-    yc = Yp + cols.to(tl.int64)[None, :] * syn
     for k in range(0, D, BLOCK_D):
-        ks = k + tl.arange(0, BLOCK_D)
-        k_ok = ks < D
-        x = tl.load(xr + ks.to(tl.int64)[None, :] * sxd, mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-        yt = tl.load(yc + ks.to(tl.int64)[:, None] * syd, mask=k_ok[:, None] & col_ok[None, :],
-                     other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            yt = yt.to(tl.float32)
-        acc = tl.dot(x, yt, acc, input_precision=PRECISION)
+        acc = _tile_step(X, Yp, rows_c, cols_c, k, acc, sxn, sxd, syn, syd, D, PRECISION,
+                         INTERP, BLOCK_D)
     return acc
 
 
 @triton.jit
-def row_lse_xy_kernel(X, Yp, G, OUT, N, M, D, sxn, sxd, syn, syd, scale,
-                      HAS_G: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``LSE_j(scale * <x_i, y_j> + g_j)`` for a block of rows, online over column tiles."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+def _row_sweep(X, Yp, G, rows_c, M, sxn, sxd, syn, syd, scale, D: tl.constexpr,
+               HAS_G: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``LSE_j(scale * <x_i, y_j> + g_j)`` of one row block: one flat loop over (column
+    tile, D chunk), each finished tile merged into the running (max, sum)."""
+    K_TILES: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, M, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < M
-        L = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
-                        UPCAST, BLOCK_N, BLOCK_M, BLOCK_D) * scale
-        if HAS_G:
-            L = L + tl.load(G + cols, mask=col_ok, other=0.0)[None, :]
-        L = tl.where(col_ok[None, :], L, NEG_INF)
-        m, acc = _online_merge(m, acc, L)
-    tl.store(OUT + rows, _finish(m, acc), mask=rows < N)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    for it in range(0, tl.cdiv(M, BLOCK_M) * K_TILES):
+        c = it // K_TILES
+        kk = it - c * K_TILES
+        cols = c * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = _tile_step(X, Yp, rows_c, tl.minimum(cols, M - 1), kk * BLOCK_D, acc,
+                         sxn, sxd, syn, syd, D, PRECISION, INTERP, BLOCK_D)
+        if kk == K_TILES - 1:
+            L = acc * scale
+            if HAS_G:
+                L = L + tl.load(G + cols, mask=cols < M, other=0.0)[None, :]
+            m, s = _online_merge(m, s, tl.where((cols < M)[None, :], L, NEG_INF))
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    return _finish(m, s)
 
 
 @triton.jit
-def grad_dx_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DX, DS, N, M, D,
-                   sxn, sxd, syn, syd, sdn, sdd, scale,
-                   WRITE: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DO: tl.constexpr):
-    """Rows block x output-D block: ``dX = scale * G @ Y`` and the partial ``sum G * S``."""
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    f = tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
-    lse_r = tl.load(LSE_R + rows, mask=row_ok, other=NEG_INF)[:, None]
-    cr = tl.load(CR + rows, mask=row_ok, other=0.0)[:, None]
-    yt = tl.load(YT + rows, mask=row_ok, other=-1)[:, None]
-    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_ok = dcols < D
-    acc = tl.zeros((BLOCK_N, BLOCK_DO), tl.float32)
-    ds = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, M, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < M
-        x = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
-                        UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
-        g = tl.load(Gp + cols, mask=col_ok, other=NEG_INF)[None, :]
-        lse_c = tl.load(LSE_C + cols, mask=col_ok, other=NEG_INF)[None, :]
-        cc = tl.load(CC + cols, mask=col_ok, other=0.0)[None, :]
-        zt = tl.load(ZT + cols, mask=col_ok, other=-1)[None, :]
-        Gt = grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, yt == cols[None, :],
-                       zt == rows[:, None])
-        Gt = tl.where(row_ok[:, None] & col_ok[None, :], Gt, 0.0)
-        ds += tl.sum(Gt * x, axis=1)
-        if WRITE:
-            yo = tl.load(Yp + cols.to(tl.int64)[:, None] * syn + dcols.to(tl.int64)[None, :] * syd,
-                         mask=col_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(Gt, yo, acc, input_precision=GRAD_PRECISION)
-    # one partial per (row block, output block); the host keeps output block 0's
-    tl.store(DS + pid_n * tl.num_programs(1) + pid_d, tl.sum(ds, axis=0))
-    if WRITE:
-        ptr = DX + rows.to(tl.int64)[:, None] * sdn + dcols.to(tl.int64)[None, :] * sdd
-        tl.store(ptr, round_to(acc * scale, DX.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
+def row_lse_xy_kernel(X, Yp, G, OUT, N, M, sxn, sxd, syn, syd, scale, D: tl.constexpr,
+                      HAS_G: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``LSE_j(scale * <x_i, y_j> + g_j)``: persistent over row blocks."""
+    for b in range(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
+        lse = _row_sweep(X, Yp, G, tl.minimum(rows, N - 1), M, sxn, sxd, syn, syd, scale,
+                         D, HAS_G, PRECISION, INTERP, BLOCK_N, BLOCK_M, BLOCK_D)
+        tl.store(OUT + rows, lse, mask=rows < N)
 
 
 @triton.jit
-def grad_dy_kernel(X, Yp, F, Gp, LSE_R, LSE_C, CR, CC, YT, ZT, DY, N, M, D,
-                   sxn, sxd, syn, syd, sdn, sdd, scale,
-                   PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-                   UPCAST: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DO: tl.constexpr):
-    """Column block x output-D block: ``dY = scale * G.T @ X``."""
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_ok = cols < M
-    g = tl.load(Gp + cols, mask=col_ok, other=NEG_INF)[None, :]
-    lse_c = tl.load(LSE_C + cols, mask=col_ok, other=NEG_INF)[None, :]
-    cc = tl.load(CC + cols, mask=col_ok, other=0.0)[None, :]
-    zt = tl.load(ZT + cols, mask=col_ok, other=-1)[None, :]
-    dcols = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    d_ok = dcols < D
-    acc = tl.zeros((BLOCK_M, BLOCK_DO), tl.float32)
-    for start in range(0, N, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
+def col_lse_xy_kernel(X, Yp, F, OUT, N, M, sxn, sxd, syn, syd, scale, D: tl.constexpr,
+                      HAS_F: tl.constexpr, PRECISION: tl.constexpr, INTERP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``LSE_i(scale * <x_i, y_j> + f_i)``: persistent over column blocks, the tiles in
+    the row pass's orientation (``X[rows] @ Y[cols].T``), reduced down their columns."""
+    K_TILES: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    n_row = tl.cdiv(N, BLOCK_N)
+    for cb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        cols = cb * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols_c = tl.minimum(cols, M - 1)
+        m = tl.full((BLOCK_M,), NEG_INF, tl.float32)
+        s = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for it in range(0, n_row * K_TILES):
+            r = it // K_TILES
+            kk = it - r * K_TILES
+            rows = r * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = _tile_step(X, Yp, tl.minimum(rows, N - 1), cols_c, kk * BLOCK_D, acc,
+                             sxn, sxd, syn, syd, D, PRECISION, INTERP, BLOCK_D)
+            if kk == K_TILES - 1:
+                L = acc * scale
+                if HAS_F:
+                    L = L + tl.load(F + rows, mask=rows < N, other=0.0)[:, None]
+                m, s = _online_merge_cols(m, s, tl.where((rows < N)[:, None], L, NEG_INF))
+                acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        tl.store(OUT + cols, _finish(m, s), mask=cols < M)
+
+
+@triton.jit
+def sinkhorn_step_xy_kernel(X, Yp, G, LOG_R, LSE_R, F, PM, PS, N, M, sxn, sxd, syn, syd,
+                            scale, D: tl.constexpr, HAS_G: tl.constexpr,
+                            PRECISION: tl.constexpr, INTERP: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr):
+    """One Sinkhorn iteration's streaming work, persistent over row blocks.
+
+    Sweep 1 (as ``row_lse_xy_kernel``): ``lse_i = LSE_j(L_ij + g_j)``, then
+    ``f_i = log r_i - lse_i`` (``-inf`` where ``log r_i`` is). Sweep 2 over the same Y
+    stream: the block's column maxima and sums of ``exp(L_ij + f_i - max)``, folded into
+    row ``program_id`` of ``PM``/``PS`` (program p owns its row: its first block writes
+    it, the later ones merge into it).
+    """
+    K_TILES: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    pid = tl.program_id(0)
+    n_col = tl.cdiv(M, BLOCK_M)
+    part = pid.to(tl.int64) * M
+    for b in range(pid, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+        rows = b * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_c = tl.minimum(rows, N - 1)
         row_ok = rows < N
-        x = _score_tile(X, Yp, rows, cols, N, M, D, sxn, sxd, syn, syd, PRECISION,
-                        UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
-        f = tl.load(F + rows, mask=row_ok, other=NEG_INF)[:, None]
-        lse_r = tl.load(LSE_R + rows, mask=row_ok, other=NEG_INF)[:, None]
-        cr = tl.load(CR + rows, mask=row_ok, other=0.0)[:, None]
-        yt = tl.load(YT + rows, mask=row_ok, other=-1)[:, None]
-        Gt = grad_tile(x, scale, f, g, lse_r, lse_c, cr, cc, yt == cols[None, :],
-                       zt == rows[:, None])
-        Gt = tl.where(row_ok[:, None] & col_ok[None, :], Gt, 0.0)
-        xo = tl.load(X + rows.to(tl.int64)[:, None] * sxn + dcols.to(tl.int64)[None, :] * sxd,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(Gt), xo, acc, input_precision=GRAD_PRECISION)
-    ptr = DY + cols.to(tl.int64)[:, None] * sdn + dcols.to(tl.int64)[None, :] * sdd
-    tl.store(ptr, round_to(acc * scale, DY.dtype.element_ty), mask=col_ok[:, None] & d_ok[None, :])
+        # sweep 1: the row pass's very code, so lse has row_lse_xy_kernel's bits
+        lse = _row_sweep(X, Yp, G, rows_c, M, sxn, sxd, syn, syd, scale, D, HAS_G,
+                         PRECISION, INTERP, BLOCK_N, BLOCK_M, BLOCK_D)
+        log_r = tl.load(LOG_R + rows, mask=row_ok, other=NEG_INF)
+        f = tl.where(log_r == NEG_INF, NEG_INF, log_r - lse)
+        tl.store(LSE_R + rows, lse, mask=row_ok)
+        tl.store(F + rows, f, mask=row_ok)
+        f = tl.where(row_ok, f, NEG_INF)
+        first = b == pid
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        for it in range(0, n_col * K_TILES):
+            c = it // K_TILES
+            kk = it - c * K_TILES
+            cols = c * BLOCK_M + tl.arange(0, BLOCK_M)
+            acc = _tile_step(X, Yp, rows_c, tl.minimum(cols, M - 1), kk * BLOCK_D, acc,
+                             sxn, sxd, syn, syd, D, PRECISION, INTERP, BLOCK_D)
+            if kk == K_TILES - 1:
+                col_ok = cols < M
+                cm = tl.full((BLOCK_M,), NEG_INF, tl.float32)
+                cs = tl.zeros((BLOCK_M,), tl.float32)
+                if not first:
+                    cm = tl.load(PM + part + cols, mask=col_ok, other=NEG_INF)
+                    cs = tl.load(PS + part + cols, mask=col_ok, other=0.0)
+                cm, cs = _online_merge_cols(cm, cs, acc * scale + f[:, None])
+                tl.store(PM + part + cols, cm, mask=col_ok)
+                tl.store(PS + part + cols, cs, mask=col_ok)
+                acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+
+
+@triton.jit
+def col_merge_kernel(PM, PS, OUT, P, M, BLOCK_M: tl.constexpr):
+    """``LSE`` of each column from the ``P`` programs' partials, merged in program order."""
+    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = cols < M
+    m = tl.full((BLOCK_M,), NEG_INF, tl.float32)
+    s = tl.zeros((BLOCK_M,), tl.float32)
+    pm_ptr = PM + cols
+    ps_ptr = PS + cols
+    for _ in range(0, P):
+        pm = tl.load(pm_ptr, mask=col_ok, other=NEG_INF)
+        ps = tl.load(ps_ptr, mask=col_ok, other=0.0)
+        pm_ptr += M   # pointer arithmetic: 64-bit however large P * M
+        ps_ptr += M
+        m_new = tl.maximum(m, pm)
+        shift = tl.where(m_new == NEG_INF, 0.0, m_new)
+        s = s * tl.exp(m - shift) + ps * tl.exp(pm - shift)
+        m = m_new
+    tl.store(OUT + cols, _finish(m, s), mask=col_ok)
+
+
+@triton.jit
+def target_logits_xy_kernel(X, Yp, T, OUT, N, M, sxn, sxd, syn, syd, scale,
+                            D: tl.constexpr, COLS: tl.constexpr, PRECISION: tl.constexpr,
+                            INTERP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``scale * <x_i, y_{t_i}>`` per row (``COLS``: ``scale * <x_{t_j}, y_j>`` per
+    column), each read off the tile the LSE passes form it in.
+
+    A program takes a block of rows (columns) and forms only the tiles, in the passes'
+    grid, that hold some of its targets (one or two for diagonal-like targets); one entry
+    plus zeros is summed per line, which is exact. A target of -1 gives 0.
+    """
+    OTHER: tl.constexpr = BLOCK_N if COLS else BLOCK_M
+    if COLS:
+        lines = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_lines = M
+    else:
+        lines = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_lines = N
+    lines_c = tl.minimum(lines, n_lines - 1)
+    t = tl.load(T + lines, mask=lines < n_lines, other=-1)
+    hit = t >= 0
+    blk = tl.where(hit, t // OTHER, -1)
+    lo = tl.min(tl.where(hit, blk, 2147483647), axis=0)
+    hi = tl.max(blk, axis=0)
+    out = tl.zeros(lines.shape, tl.float32)
+    for o in range(lo, hi + 1):
+        if tl.max((blk == o).to(tl.int32), axis=0) > 0:
+            other = o * OTHER + tl.arange(0, OTHER)
+            if COLS:
+                L = _tile(X, Yp, tl.minimum(other, N - 1), lines_c, sxn, sxd, syn, syd, D,
+                          PRECISION, INTERP, BLOCK_N, BLOCK_M, BLOCK_D) * scale
+                out += tl.sum(tl.where(other[:, None] == t[None, :], L, 0.0), axis=0)
+            else:
+                L = _tile(X, Yp, lines_c, tl.minimum(other, M - 1), sxn, sxd, syn, syd, D,
+                          PRECISION, INTERP, BLOCK_N, BLOCK_M, BLOCK_D) * scale
+                out += tl.sum(tl.where(t[:, None] == other[None, :], L, 0.0), axis=1)
+    tl.store(OUT + lines, out, mask=lines < n_lines)
