@@ -262,3 +262,15 @@ def test_ranks_property_exact_integers(n, m, p, chunk, seed, scale):
     targets[:, 0] = targets[:, 0].clamp(min=0)
     expect = ref.ranks(ref.scores(q, y, scale, bias), targets)
     assert torch.equal(R.ranks(q, y, targets, scale, bias=bias, chunk=chunk), expect)
+
+
+def test_metrics_at_other_levels():
+    ranks = torch.tensor([1, 3, 7, 120, 2])
+    m = R.metrics(ranks, ks=(1, 2, 100, 200))
+    assert list(m) == ["R@1", "R@2", "R@100", "R@200", "MdR", "MnR"]
+    assert (m["R@1"], m["R@2"], m["R@100"], m["R@200"]) == (20.0, 40.0, 80.0, 100.0)
+    assert R.metrics(ranks) == R.metrics(ranks, ks=R.RECALL_AT)
+    assert "R@100" in R.format_metrics({"x": m}).splitlines()[0]
+    for bad in ((), (0,), (1.5,), "15"):
+        with pytest.raises((ValueError, TypeError), match="ks"):
+            R.metrics(ranks, ks=bad)
