@@ -20,6 +20,18 @@ from . import _native
 from .spec import ALL, DERIVED, BackendSpec
 
 Tensor = torch.Tensor
+#: Threads: a pass over S runs on ``torch.get_num_threads()`` OpenMP threads, except below
+#: this many scores, where it runs on one. A small pass takes about a millisecond on one
+#: thread; on a machine whose cores are busy, a parallel region waits for every one of its
+#: threads to be scheduled, which can take far longer (bench/threads_small.py measures
+#: both), while on an idle machine the second thread saves at most half of that
+#: millisecond. Results do not depend on the thread count. Read at call time.
+SMALL_ELEMENTS = 1 << 20
+
+
+def threads_for(S: Tensor) -> int:
+    """The OpenMP threads of one pass over ``S`` (see :data:`SMALL_ELEMENTS`)."""
+    return 1 if S.numel() < SMALL_ELEMENTS else torch.get_num_threads()
 
 
 def status():
@@ -61,7 +73,7 @@ class CpuBackend:
         # where it should (a single column) rather than differ by one ulp between libms.
         # Where the sum is 0 the max is -inf, and -inf + log(0) = -inf.
         state = torch.empty(2, length, dtype=acc_dtype(S.dtype))
-        fn(*self._head(S, scale), _ptr(vec), state[0].data_ptr(), torch.get_num_threads(),
+        fn(*self._head(S, scale), _ptr(vec), state[0].data_ptr(), threads_for(S),
            state[1].data_ptr())
         top, total = state
         return top.add_(total.log_())
@@ -92,7 +104,7 @@ class CpuBackend:
         ds = self._C.ncl_grad(*self._head(S, scale), *map(_ptr, vecs), _ptr(y), _ptr(z),
                               int(row_offset), _ptr(target),
                               0 if target is None else _native.row_stride(target),
-                              torch.get_num_threads())
+                              threads_for(S))
         if target is not out:
             out.copy_(target)
         return torch.tensor(ds, dtype=acc)
@@ -103,7 +115,7 @@ class CpuBackend:
         work = _unit_columns(S)
         f, g = _vec(f, acc), _vec(g, acc)
         self._C.apply_biases(*self._head(work, scale), _ptr(f), _ptr(g),
-                             torch.get_num_threads())
+                             threads_for(work))
         if work is not S:
             S.copy_(work)
         return S
