@@ -7,7 +7,7 @@ gradient convention is open_clip's (``gather_with_grad=True``): DDP averages the
 gradients, and that average is the exact gradient of the global loss, so the loss is used
 as is, with no factor of world_size.
 
-    python examples/ddp_train.py [--world 2] [--steps 30]
+    python examples/ddp_train.py [--world 2] [--steps 40]
 
 The script checks that every rank saw the same loss and that the replicas stayed equal.
 """
@@ -54,6 +54,7 @@ def batches(rank, steps, videos_per_rank=16):
 
 def worker(rank, world, init, steps, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)                       # one core per rank (README, "Threads")
     try:
         torch.manual_seed(0)                       # the same initial weights everywhere
         model = DDP(Towers())
@@ -86,9 +87,8 @@ def worker(rank, world, init, steps, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)                       # one core per rank
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{os.path.join(tmp, 'rendezvous')}"
         out = os.path.join(tmp, "loss.txt")

@@ -41,8 +41,9 @@ def synthetic_pairs(n, seed=0):
     """Images and captions that share a latent (fixed maps, so held-out pairs come from the
     same world); a tenth of the latents crowd around one direction (look-alikes)."""
     maps = torch.Generator().manual_seed(1234)
-    to_image, to_text, crowd = (torch.randn(16, 48, generator=maps),
-                                torch.randn(16, 24, generator=maps), torch.randn(1, 16, generator=maps))
+    to_image = torch.randn(16, 48, generator=maps)
+    to_text = torch.randn(16, 24, generator=maps)
+    crowd = torch.randn(1, 16, generator=maps)
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 16, generator=gen)
     z[: n // 10] += 2.0 * crowd
@@ -84,8 +85,8 @@ def main(argv=None):
     for name, n_iters in (("ClipLoss", 0), ("NCLClipLoss", 4)):
         model, last = train(nk.NCLClipLoss(n_iters=n_iters, cache_labels=True), args.steps)
         table[name] = evaluate(model)
-    torch.set_num_threads(threads)
         print(f"{name} (n_iters={n_iters}): last training loss {last:.4f}")
+    torch.set_num_threads(threads)
     print("\nheld-out text-to-image retrieval, plain logits (1000 pairs)")
     print(nk.retrieval.format_metrics(table))
 

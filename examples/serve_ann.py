@@ -19,18 +19,22 @@ R = nk.retrieval
 
 
 def hubby_data(n_gallery, n_queries, n_bank, d=32, seed=0):
-    """Unit embeddings in which 5% of the items lean on a direction every query shares."""
+    """Pairs that share a latent; every query also carries one shared direction ``h``, and
+    the first 5% of the items lean on it, so they score high for every query (hubs)."""
     gen = torch.Generator().manual_seed(seed)
     unit = torch.nn.functional.normalize
-    hub = unit(torch.randn(1, d, generator=gen), dim=1)
-    z = torch.randn(n_gallery, d, generator=gen)
-    gallery = z + 0.4 * torch.randn(n_gallery, d, generator=gen)
-    gallery[: n_gallery // 20] += 1.5 * hub
-    pick = torch.randint(0, n_gallery, (n_queries,), generator=gen)
-    queries = unit(z[pick] + 1.0 * torch.randn(n_queries, d, generator=gen) + 0.8 * hub, dim=1)
-    other = torch.randn(n_bank, d, generator=gen)
-    bank = unit(other + 0.6 * torch.randn(n_bank, d, generator=gen) + 0.8 * hub, dim=1)
-    return unit(gallery, dim=1), queries, pick, bank
+    h = unit(torch.randn(1, d, generator=gen), dim=1)
+
+    def queries(count):
+        z = torch.randn(count, d, generator=gen) * (4 / d ** 0.5)
+        return z, unit(z + 0.5 * torch.randn(count, d, generator=gen) + h, dim=1)
+
+    z, q = queries(n_gallery)
+    gallery = z + 0.5 * torch.randn(n_gallery, d, generator=gen)
+    gallery[: n_gallery // 20] += 2.0 * h
+    pick = torch.randperm(n_gallery, generator=gen)[:n_queries]
+    _, bank = queries(n_bank)                   # other queries of the same kind
+    return unit(gallery, dim=1), q[pick], pick, bank
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _validate as V, distributed as D
+from ._types import Scale, Weights
 from .loss import ncl_loss_embeddings
 from .nn import NCLLoss
 
@@ -102,9 +103,10 @@ class NCLClipLoss(nn.Module):
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, *, n_iters: int = 4, weights=(0.5, 0.5),
-                 queue_size: int = 0, embed_dim: Optional[int] = None, mode: str = "auto",
-                 group=None, backend: str = "auto"):
+                 use_horovod: bool = False, *, n_iters: int = 4,
+                 weights: Weights = (0.5, 0.5), queue_size: int = 0,
+                 embed_dim: Optional[int] = None, mode: str = "auto",
+                 group: Optional[dist.ProcessGroup] = None, backend: str = "auto") -> None:
         super().__init__()
         self.local_loss = V.flag("local_loss", local_loss)
         self.gather_with_grad = V.flag("gather_with_grad", gather_with_grad)
@@ -132,8 +134,8 @@ class NCLClipLoss(nn.Module):
                 gradients="open_clip" if self.gather_with_grad else "global", group=group,
                 backend=backend)
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale,
-                logit_bias=None, output_dict: bool = False
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Scale,
+                logit_bias: Optional[Scale] = None, output_dict: bool = False
                 ) -> Union[Tensor, Dict[str, Tensor]]:
         group = None
         if self.world_size > 1:

@@ -38,13 +38,14 @@ collective knows, which the fake implementation declares as a data-dependent siz
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _library, _loss_math as LM, _validate as V
 from ._dtypes import acc_dtype
+from ._types import OptTensor, Scale, Weights
 from .backends import registry
 from .nn import NAMES, NCLLoss
 
@@ -301,10 +302,11 @@ def _options(x_local, y_local, scale, row_targets, col_targets, n_iters, weights
     return x, y, scale_t, scale_f, yt, zt, r, c, w_row, w_col
 
 
-def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=None,
-                        row_targets: Optional[Tensor] = None,
-                        col_targets: Optional[Tensor] = None, n_iters: int = 4,
-                        weights=(0.5, 0.5), row_mass=None, col_mass=None,
+def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale: Scale = 1.0, *,
+                        group: Optional[dist.ProcessGroup] = None,
+                        row_targets: OptTensor = None, col_targets: OptTensor = None,
+                        n_iters: int = 4, weights: Weights = (0.5, 0.5),
+                        row_mass: OptTensor = None, col_mass: OptTensor = None,
                         backend: str = "auto") -> Tensor:
     """:func:`ncl_kernels.ncl_loss_embeddings` of the global batch, from local slices.
 
@@ -349,8 +351,9 @@ def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=No
         x, y, scale_t, scale_f, group.group_name, yt, zt, r, c, n_iters, w_row, w_col)[0]
 
 
-def global_biases(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=None, n_iters: int = 4,
-                  backend: str = "auto"):
+def global_biases(x_local: Tensor, y_local: Tensor, scale: Scale = 1.0, *,
+                  group: Optional[dist.ProcessGroup] = None, n_iters: int = 4,
+                  backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """``(f_local, g)``: the Sinkhorn biases of the global problem (no gradient): this
     rank's row potentials (n_r,) and every column's (M,), replicated."""
     _check_group()
@@ -456,15 +459,16 @@ class DistributedNCLLoss(NCLLoss):
         group: the process group (default: the world), resolved at each call.
     """
 
-    def __init__(self, n_iters: int = 4, weights=(0.5, 0.5), *, queue_size: int = 0,
-                 embed_dim: Optional[int] = None, gradients: str = "open_clip", group=None,
-                 backend: str = "auto"):
+    def __init__(self, n_iters: int = 4, weights: Weights = (0.5, 0.5), *,
+                 queue_size: int = 0, embed_dim: Optional[int] = None,
+                 gradients: str = "open_clip", group: Optional[dist.ProcessGroup] = None,
+                 backend: str = "auto") -> None:
         super().__init__(n_iters, weights, queue_size=queue_size, queue_as_negatives=True,
                          embed_dim=embed_dim, mode="streaming", backend=backend)
         self.gradients = V.choice("gradients", gradients, GRADIENTS)
         self.group = group
 
-    def forward(self, text_features: Tensor, video_features: Tensor, scale,
+    def forward(self, text_features: Tensor, video_features: Tensor, scale: Scale,
                 caption_to_video: Optional[Tensor] = None) -> Tensor:
         _check_group()
         group = dist.group.WORLD if self.group is None else self.group

@@ -10,24 +10,25 @@ import torch
 from conftest import child_env
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=300)
-
-
 def test_help_prints_usage():
-    proc = _run("ncl_kernels", "--help")
+    """As a user types it: a child process (the example itself runs in test_import.py)."""
+    proc = subprocess.run([sys.executable, "-m", "ncl_kernels", "--help"], capture_output=True,
+                          text=True, env=child_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: python -m ncl_kernels")
-    assert "Sinkhorn" not in proc.stdout.split("\n", 1)[0] and "--threads" in proc.stdout
+    assert "--threads" in proc.stdout and "R@1" not in proc.stdout
 
 
-def test_backends_report_and_version():
-    proc = _run("ncl_kernels", "--backends", "--threads", "1")
-    assert proc.returncode == 0, proc.stderr
-    assert "cpu" in proc.stdout and "R@1" not in proc.stdout
+def test_backends_report_and_version(capsys, monkeypatch):
     import ncl_kernels as nk
-    assert nk.__version__ in _run("ncl_kernels", "--version").stdout
+    from ncl_kernels.__main__ import main
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert main(["--backends", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "cpu" in out and "R@1" not in out
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and nk.__version__ in capsys.readouterr().out
 
 
 def test_bad_thread_counts_are_refused(capsys):

@@ -97,6 +97,7 @@ def test_refusals():
 
 def _worker(rank, world, init, out_dir):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)   # one core per rank: tiny problems, a 2-core machine
     try:
         img, txt = _features(world)
         mine = slice(rank * N, (rank + 1) * N)

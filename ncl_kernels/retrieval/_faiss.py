@@ -12,12 +12,16 @@ may swap). docs/serving.md says how each family handles inner products.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 
 from .. import _validate as V
+from .._types import Scale
+
+if TYPE_CHECKING:
+    import faiss
 
 Tensor = torch.Tensor
 
@@ -45,9 +49,9 @@ def _pad(x: Tensor, dim: Optional[int], name: str) -> Tensor:
     return torch.cat([x, x.new_zeros(x.shape[0], dim - x.shape[1])], 1)
 
 
-def to_faiss(gallery: Tensor, bias: Optional[Tensor] = None, scale=1.0, *,
+def to_faiss(gallery: Tensor, bias: Optional[Tensor] = None, scale: Scale = 1.0, *,
              factory: str = "Flat", params: Optional[str] = None, dim: Optional[int] = None,
-             train_size: Optional[int] = None, seed: int = 0):
+             train_size: Optional[int] = None, seed: int = 0) -> faiss.Index:
     """A Faiss inner-product index over ``[scale * y_j, bias_j]`` (``bias_j = 0`` when
     ``bias`` is None), built by ``faiss.index_factory(dim, factory,
     METRIC_INNER_PRODUCT)``, trained when it needs training, then filled.
