@@ -237,6 +237,7 @@ MEMORY_CODE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ranks_and_topk_peak_memory():
     done = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE + MEMORY_CODE],
                           capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""Recall@K, median and mean rank (SPEC.md section 4), and a small text table."""
+"""Recall@K, median and mean rank (docs/math.md section 4), and a small text table."""
 
 from __future__ import annotations
 
