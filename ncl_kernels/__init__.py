@@ -7,6 +7,7 @@ usable here and why not.
 
 from . import distributed, ops, retrieval
 from .backends import backends
+from .clip import NCLClipLoss
 from .loss import apply_biases_, ncl_loss, ncl_loss_embeddings
 from .nn import NCLLoss
 from .sinkhorn import (
@@ -17,9 +18,10 @@ from .sinkhorn import (
     sinkhorn_embeddings,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "NCLClipLoss",
     "NCLLoss",
     "SinkhornConvergenceError",
     "SinkhornConvergenceWarning",

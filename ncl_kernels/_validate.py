@@ -8,7 +8,7 @@ tensors that is one host synchronization per check.
 Checks come in two kinds, so that ``torch.compile`` can trace the loss without graph
 breaks: ``*_meta`` checks read only metadata (type, shape, dtype, device, strides) and run
 in traced Python; ``*_values`` checks read tensor data and run inside the custom ops of
-``ncl_kernels._ops`` (before any kernel there). The plain names (``scores``,
+``ncl_kernels.ops`` (before any kernel there). The plain names (``scores``,
 ``embeddings``, ``scale``, ...) run both, for the eager-only entry points.
 """
 

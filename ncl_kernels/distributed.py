@@ -38,17 +38,25 @@ collective knows, which the fake implementation declares as a data-dependent siz
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import _library, _loss_math as LM, _validate as V
 from ._dtypes import acc_dtype
+from ._types import OptTensor, Scale, Weights
 from .backends import derived, registry
+from .nn import NAMES, NCLLoss
 
 Tensor = torch.Tensor
 NEG_INF = float("-inf")
+
+
+def _check_group():
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ncl_kernels.distributed needs an initialized torch.distributed "
+                           "process group (torch.distributed.init_process_group)")
 
 
 def _group(name: str):
@@ -296,10 +304,11 @@ def _options(x_local, y_local, scale, row_targets, col_targets, n_iters, weights
     return x, y, scale_t, scale_f, yt, zt, r, c, w_row, w_col
 
 
-def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=None,
-                        row_targets: Optional[Tensor] = None,
-                        col_targets: Optional[Tensor] = None, n_iters: int = 4,
-                        weights=(0.5, 0.5), row_mass=None, col_mass=None,
+def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale: Scale = 1.0, *,
+                        group: Optional[dist.ProcessGroup] = None,
+                        row_targets: OptTensor = None, col_targets: OptTensor = None,
+                        n_iters: int = 4, weights: Weights = (0.5, 0.5),
+                        row_mass: OptTensor = None, col_mass: OptTensor = None,
                         backend: str = "auto") -> Tensor:
     """:func:`ncl_kernels.ncl_loss_embeddings` of the global batch, from local slices.
 
@@ -325,9 +334,7 @@ def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=No
     the metadata checks run while tracing, where a rank cannot tell the others: give every
     rank inputs of the same kinds, shapes aside.)
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("ncl_kernels.distributed needs an initialized torch.distributed "
-                           "process group (torch.distributed.init_process_group)")
+    _check_group()
     group = dist.group.WORLD if group is None else group
     args = (x_local, y_local, scale, row_targets, col_targets, n_iters, weights, row_mass,
             col_mass, backend)
@@ -344,3 +351,177 @@ def ncl_loss_embeddings(x_local: Tensor, y_local: Tensor, scale=1.0, *, group=No
     x, y, scale_t, scale_f, yt, zt, r, c, w_row, w_col = opts
     return _library.op("distributed_ncl_loss", backend)(
         x, y, scale_t, scale_f, group.group_name, yt, zt, r, c, n_iters, w_row, w_col)[0]
+
+
+def global_biases(x_local: Tensor, y_local: Tensor, scale: Scale = 1.0, *,
+                  group: Optional[dist.ProcessGroup] = None, n_iters: int = 4,
+                  backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """``(f_local, g)``: the Sinkhorn biases of the global problem (no gradient): this
+    rank's row potentials (n_r,) and every column's (M,), replicated."""
+    _check_group()
+    group = dist.group.WORLD if group is None else group
+    x, y, scale_t, scale_f, *_ = _options(x_local, y_local, scale, None, None, n_iters,
+                                          (0.5, 0.5), None, None, backend)
+    with torch.no_grad():
+        out = _library.op("distributed_ncl_loss", backend)(
+            x.detach(), y.detach(), None if scale_t is None else scale_t.detach(), scale_f,
+            group.group_name, None, None, None, None, n_iters, 0.5, 0.5)
+    return out[2], out[3]
+
+
+# -- the module ---------------------------------------------------------------------------
+
+GRADIENTS = ("open_clip", "global")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.factor, None
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the ranks of ``group`` (each
+    rank then holds the full derivative instead of its share)."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, group) -> Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _all_sum(grad.contiguous(), ctx.group), None
+
+
+def scale_gradient(t: Tensor, factor: float) -> Tensor:
+    """``t`` whose gradient is multiplied by ``factor`` on the way back (values unchanged)."""
+    return _ScaleGrad.apply(t, factor) if t.requires_grad and factor != 1 else t
+
+
+def sum_gradient_over_ranks(scale, group):
+    """``scale`` whose gradient is summed over the ranks on the way back: every rank then
+    holds the full ``d(loss)/d(scale)``, as open_clip's ``ClipLoss`` gives it."""
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        return _SumGradOverRanks.apply(scale, group)
+    return scale
+
+
+class DistributedNCLLoss(NCLLoss):
+    """:class:`ncl_kernels.NCLLoss` over a process group: the loss of the global batch.
+
+    ``forward(text_features, video_features, scale, caption_to_video=None)`` takes this
+    rank's captions (n_r, D) and videos (v_r, D) and returns, on every rank, the NCL loss
+    of the global batch (every rank's batch, in rank order): the value
+    :class:`ncl_kernels.NCLLoss` gives on the concatenated batch. It runs
+    :func:`ncl_loss_embeddings` (the items are all-gathered once; the N x M block is
+    never formed). Every rank must call it collectively with the same options.
+
+    ``caption_to_video`` (n_r,) int64 holds *local* video indices (in ``[0, v_r)``, or -1):
+    a rank's captions describe its own videos, as a data loader that yields (caption,
+    video) batches gives them. Targets and masses are those of :class:`NCLLoss` (a video
+    receives mass in proportion to its caption count; its video-to-text target is its first
+    caption), over the global batch.
+
+    Queue (``queue_size`` K > 0): **kept per rank.** Each rank keeps its own K most recent
+    earlier captions and videos and appends them to its slice, so the global problem is
+    every rank's ``[batch; queue]``: the queues of all ranks together are the W * K most
+    recent entries of the global batch, which a gathered queue would hold too. Kept per
+    rank, they cost no communication beyond the all-gather of the items that the loss
+    runs anyway and 1/W of the memory of a replicated queue, and checkpoints stay per rank
+    (each rank's ``state_dict()`` holds its own queue). With K a multiple of the per-rank
+    batch sizes this is exactly :class:`NCLLoss` with ``queue_size = W * K`` on the
+    concatenated batches (up to the order of rows and columns, which the loss does not
+    see). Queued entries are negatives and take part in the normalization
+    (``queue_as_negatives=True``; the biases-only queue of :class:`NCLLoss` has no
+    distributed form here). Rank slices may differ in size.
+
+    Gradients (``gradients``):
+
+    * ``"open_clip"`` (default): what open_clip's ``ClipLoss(gather_with_grad=True)``
+      gives: each rank's embeddings receive ``world_size * d(global loss)/d(local
+      embeddings)`` and a tensor ``scale`` the full ``d(global loss)/d(scale)`` on every
+      rank. DistributedDataParallel averages gradients over ranks, so the parameters then
+      receive the exact gradient of the global loss: use it with DDP as is.
+    * ``"global"``: the exact ``d(global loss)/d(local embeddings)`` and this rank's share
+      of ``d/d(scale)`` (the shares sum to the full derivative), as
+      :func:`ncl_loss_embeddings` gives them: sum the gradients over ranks (not DDP's
+      average) for the exact gradient.
+
+    Args:
+        n_iters, weights, queue_size, embed_dim, backend: as in :class:`NCLLoss`.
+        gradients: see above.
+        group: the process group (default: the world), resolved at each call.
+    """
+
+    def __init__(self, n_iters: int = 4, weights: Weights = (0.5, 0.5), *,
+                 queue_size: int = 0, embed_dim: Optional[int] = None,
+                 gradients: str = "open_clip", group: Optional[dist.ProcessGroup] = None,
+                 backend: str = "auto") -> None:
+        super().__init__(n_iters, weights, queue_size=queue_size, queue_as_negatives=True,
+                         embed_dim=embed_dim, mode="streaming", backend=backend)
+        self.gradients = V.choice("gradients", gradients, GRADIENTS)
+        self.group = group
+
+    def forward(self, text_features: Tensor, video_features: Tensor, scale: Scale,
+                caption_to_video: Optional[Tensor] = None) -> Tensor:
+        _check_group()
+        group = dist.group.WORLD if self.group is None else self.group
+        error = None
+        try:  # this rank's own checks, agreed by every rank before any other collective
+            x, y = V.embeddings_meta(text_features, video_features, NAMES)
+            n, v = x.shape[0], y.shape[0]
+            c2v, z, row_mass, counts = self._batch_targets(n, v, caption_to_video, x)
+            queue = self._queue(x)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        if not torch.compiler.is_compiling():
+            device = (text_features.device if isinstance(text_features, Tensor)
+                      else torch.device("cpu"))
+            _agree(error, device, group)
+        elif error is not None:
+            raise error
+        if self.gradients == "open_clip":
+            world = float(dist.get_world_size(group))
+            x, y = scale_gradient(x, world), scale_gradient(y, world)
+            scale = sum_gradient_over_ranks(scale, group)
+        X, Y, col_mass = x, y, counts
+        if queue is not None:
+            qx, qy, q_text_mass, q_video_mass = queue
+            X, Y = torch.cat([x, qx]), torch.cat([y, qy])
+            ones = torch.ones(max(n, v), dtype=torch.float64, device=x.device)
+            row_mass = torch.cat([ones[:n] if row_mass is None else row_mass, q_text_mass])
+            col_mass = torch.cat([ones[:v] if counts is None else counts, q_video_mass])
+            # the two rings fill at different rates: the column masses take the rows'
+            # total over the global problem (docs/math.md section 1), as in NCLLoss
+            totals = _all_sum(torch.stack([row_mass.sum(), col_mass.sum()]), group)
+            col_mass = col_mass * (totals[0] / totals[1])
+        row_targets = col_targets = None
+        if queue is not None or c2v is not None:
+            lay = _Layout(X.shape[0], Y.shape[0], x.device, group)
+            local_y, local_z = (V.default_targets(n, v, x.device) if c2v is None
+                                else (c2v, z))
+            row_targets = torch.full((X.shape[0],), -1, dtype=torch.int64, device=x.device)
+            col_targets = torch.full((Y.shape[0],), -1, dtype=torch.int64, device=x.device)
+            row_targets[:n] = torch.where(local_y >= 0, local_y + lay.col0, local_y)
+            col_targets[:v] = torch.where(local_z >= 0, local_z + lay.row0, local_z)
+        loss = ncl_loss_embeddings(X, Y, scale, group=group, row_targets=row_targets,
+                                   col_targets=col_targets, n_iters=self.n_iters,
+                                   weights=self.weights, row_mass=row_mass,
+                                   col_mass=col_mass, backend=self.backend)
+        if queue is not None:
+            ones = torch.ones(max(n, v), dtype=torch.float64, device=x.device)
+            self._enqueue("text", x, ones[:n] if c2v is None else row_mass[:n])
+            self._enqueue("video", y, ones[:v] if counts is None else counts)
+        return loss
+
+    def extra_repr(self) -> str:
+        return (f"n_iters={self.n_iters}, weights={self.weights}, "
+                f"queue_size={self.queue_size}, gradients={self.gradients!r}")

@@ -14,6 +14,7 @@ import torch
 
 from . import _library, _loss_ops, _materialize as M_, _validate as V  # noqa: F401
 from ._dtypes import acc_dtype
+from ._types import OptTensor, Scale, Weights
 
 Tensor = torch.Tensor
 
@@ -38,9 +39,11 @@ def _loss_options(like: Tensor, n: int, m: int, scale, row_targets, col_targets,
 
 
 
-def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
-             n_iters: int = 4, f=None, g=None, weights=(0.5, 0.5), row_mass=None,
-             col_mass=None, inplace_backward: bool = False, backend: str = "auto") -> Tensor:
+def ncl_loss(scores: Tensor, scale: Scale = 1.0, *, row_targets: OptTensor = None,
+             col_targets: OptTensor = None, n_iters: int = 4, f: OptTensor = None,
+             g: OptTensor = None, weights: Weights = (0.5, 0.5), row_mass: OptTensor = None,
+             col_mass: OptTensor = None, inplace_backward: bool = False,
+             backend: str = "auto") -> Tensor:
     """NCL loss on the logits ``scale * scores`` (docs/math.md section 3), differentiable.
 
     Args:
@@ -80,9 +83,11 @@ def ncl_loss(scores: Tensor, scale=1.0, *, row_targets=None, col_targets=None,
     return _library.op("ncl_loss", backend)(S, *options, inplace, "scores")[0]
 
 
-def ncl_loss_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_targets=None,
-                        col_targets=None, n_iters: int = 4, f=None, g=None,
-                        weights=(0.5, 0.5), row_mass=None, col_mass=None,
+def ncl_loss_embeddings(x: Tensor, y: Tensor, scale: Scale = 1.0, *,
+                        row_targets: OptTensor = None, col_targets: OptTensor = None,
+                        n_iters: int = 4, f: OptTensor = None, g: OptTensor = None,
+                        weights: Weights = (0.5, 0.5), row_mass: OptTensor = None,
+                        col_mass: OptTensor = None,
                         backend: str = "auto", materialize: bool | None = None,
                         memory_budget: int | None = None) -> Tensor:
     """:func:`ncl_loss` on ``scores = x @ y.T``, streamed or formed once.
@@ -116,7 +121,8 @@ def embeddings_loss(x, y, scale, names, *, row_targets, col_targets, n_iters, f,
     return _library.op("ncl_loss_embeddings", backend)(X, Y, *options, *names)[0]
 
 
-def apply_biases_(scores: Tensor, scale=1.0, f=None, g=None, *, backend: str = "auto") -> Tensor:
+def apply_biases_(scores: Tensor, scale: Scale = 1.0, f: OptTensor = None,
+                  g: OptTensor = None, *, backend: str = "auto") -> Tensor:
     """In place ``scores <- scale * scores + f[:, None] + g[None, :]``; returns ``scores``.
 
     The arithmetic runs in float32 (float64 for float64) and is rounded once to the storage

@@ -20,6 +20,7 @@ import torch
 
 from . import _library, _materialize as M_, _validate as V
 from ._dtypes import acc_dtype
+from ._types import OptTensor, Scale
 from .backends import registry
 
 Tensor = torch.Tensor
@@ -49,7 +50,7 @@ class SinkhornConvergenceError(RuntimeError):
     ``error`` (a float) and ``n_iters`` say how far it got.
     """
 
-    def __init__(self, message: str, *, error: float, n_iters: int):
+    def __init__(self, message: str, *, error: float, n_iters: int) -> None:
         super().__init__(message)
         self.error, self.n_iters = error, n_iters
 
@@ -276,8 +277,9 @@ def _result(f, g, done, error, n_iters, tol, strict) -> SinkhornResult:
     return SinkhornResult(f, g, n, error)
 
 
-def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters: int = 100,
-             tol: Optional[float] = 1e-4, check_every: int = 10, init_g=None,
+def sinkhorn(scores: Tensor, scale: Scale = 1.0, *, row_mass: OptTensor = None,
+             col_mass: OptTensor = None, n_iters: int = 100,
+             tol: Optional[float] = 1e-4, check_every: int = 10, init_g: OptTensor = None,
              backend: str = "auto", strict: bool = False) -> SinkhornResult:
     """Log-domain Sinkhorn on the logits ``scale * scores`` (docs/math.md section 2).
 
@@ -317,9 +319,11 @@ def sinkhorn(scores: Tensor, scale=1.0, *, row_mass=None, col_mass=None, n_iters
                    strict)
 
 
-def sinkhorn_embeddings(x: Tensor, y: Tensor, scale=1.0, *, row_mass=None, col_mass=None,
+def sinkhorn_embeddings(x: Tensor, y: Tensor, scale: Scale = 1.0, *,
+                        row_mass: OptTensor = None, col_mass: OptTensor = None,
                         n_iters: int = 100, tol: Optional[float] = 1e-4,
-                        check_every: int = 10, init_g=None, backend: str = "auto",
+                        check_every: int = 10, init_g: OptTensor = None,
+                        backend: str = "auto",
                         strict: bool = False, materialize: Optional[bool] = None,
                         memory_budget: Optional[int] = None) -> SinkhornResult:
     """:func:`sinkhorn` on ``scores = x @ y.T``, streamed or formed once.

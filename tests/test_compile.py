@@ -21,6 +21,7 @@ def _opcheck(name, backend, args):
     torch.library.opcheck(_library.op(name, backend), args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_opcheck_every_primitive(backend, dtype):
     for name, cases in primitive_cases(dtype).items():
@@ -28,12 +29,14 @@ def test_opcheck_every_primitive(backend, dtype):
             _opcheck(name, backend, args)
 
 
+@pytest.mark.slow
 def test_opcheck_every_primitive_auto():
     for name, cases in primitive_cases(torch.float32).items():
         for args in cases:
             _opcheck(name, "auto", args)
 
 
+@pytest.mark.slow
 def test_opcheck_every_entry_op(backend):
     for name, cases in entry_cases().items():
         for args in cases:

@@ -32,6 +32,8 @@ from ncl_kernels.backends import cuda as cuda_backend, registry
 
 from conftest import STORAGE_DTYPES, cpu_routes, oracle_loss_refs, registered_backend
 
+pytestmark = pytest.mark.slow  # the first test compiles the kernels with g++ (minutes)
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KERNELS = sorted((CSRC / "cuda").glob("*.cu"))

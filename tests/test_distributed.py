@@ -131,6 +131,7 @@ def _opcheck_worker(rank, init, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_opcheck_in_a_world_of_one(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_opcheck_worker, args=(init, str(tmp_path)), nprocs=1, join=True)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import ROOT, child_env
 
 
@@ -49,6 +51,7 @@ def test_import_without_compiled_modules():
     assert done.stdout.strip() == "ok"
 
 
+@pytest.mark.slow
 def test_python_dash_m_example_runs():
     done = subprocess.run([sys.executable, "-m", "ncl_kernels"], capture_output=True,
                           text=True, cwd=str(ROOT / "tests"), env=child_env(), timeout=300)

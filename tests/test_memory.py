@@ -8,7 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import PEAK_RSS_CODE, ROOT, child_env
+
+pytestmark = pytest.mark.slow  # child processes on an 8192 x 8192 problem
 
 # N = M = 8192: a float32 score matrix would be 256 MiB; chunks are 16 MiB.
 CODE = textwrap.dedent("""

@@ -237,6 +237,7 @@ MEMORY_CODE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ranks_and_topk_peak_memory():
     done = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE + MEMORY_CODE],
                           capture_output=True, text=True,
@@ -271,3 +272,15 @@ def test_default_blocks_follow_the_device():
     assert _stream.default_chunk(1024, 1 << 30, None, cuda) == (1 << 26) // 1024
     assert _stream.default_chunk(1024, 100, None, cuda) == 100       # never past the gallery
     assert _stream.default_chunk(8, 1 << 30, 77, cuda) == 77         # a chunk given wins
+
+
+def test_metrics_at_other_levels():
+    ranks = torch.tensor([1, 3, 7, 120, 2])
+    m = R.metrics(ranks, ks=(1, 2, 100, 200))
+    assert list(m) == ["R@1", "R@2", "R@100", "R@200", "MdR", "MnR"]
+    assert (m["R@1"], m["R@2"], m["R@100"], m["R@200"]) == (20.0, 40.0, 80.0, 100.0)
+    assert R.metrics(ranks) == R.metrics(ranks, ks=R.RECALL_AT)
+    assert "R@100" in R.format_metrics({"x": m}).splitlines()[0]
+    for bad in ((), (0,), (1.5,), "15"):
+        with pytest.raises((ValueError, TypeError), match="ks"):
+            R.metrics(ranks, ks=bad)

@@ -37,6 +37,7 @@ def check_metrics_json(path):
     return out
 
 
+@pytest.mark.slow
 def test_quick_run(tmp_path):
     """What a newcomer runs first, as a subprocess: outputs exist and NCL normalizes."""
     out_dir = tmp_path / "out"
@@ -69,6 +70,7 @@ def run_main(argv):
         return main(argv)
 
 
+@pytest.mark.slow
 def test_npz(tmp_path):
     """Bring your own features: a variable number of captions per video."""
     text, video, c2v = _features(30, np.arange(30) % 3 + 1)
@@ -81,6 +83,7 @@ def test_npz(tmp_path):
     assert out["data"]["train"]["captions"] + out["data"]["test"]["captions"] == c2v.size
 
 
+@pytest.mark.slow
 def test_digits(tmp_path):
     """The real dataset that ships with scikit-learn: 1797 digits, left vs right half."""
     pytest.importorskip("sklearn")
@@ -90,6 +93,7 @@ def test_digits(tmp_path):
     assert (out["data"]["text_dim"], out["data"]["video_dim"]) == (32, 32)
 
 
+@pytest.mark.slow
 def test_npz_drops_videos_without_captions(tmp_path, capsys):
     text, video, c2v = _features(20, 2)
     keep = c2v < 16   # videos 16..19 have no caption

@@ -112,6 +112,7 @@ def blocks(request, monkeypatch):
         install(monkeypatch, block_cap=request.param)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(INTERP or ON_GPU, reason="the lane itself (or a GPU) is running")
 def test_interpreter_lane():
     done = subprocess.run(

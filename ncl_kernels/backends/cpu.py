@@ -31,6 +31,18 @@ from ._native import ptr, vec
 from .spec import ALL, DERIVED, BackendSpec
 
 Tensor = torch.Tensor
+#: Threads: a pass over S runs on ``torch.get_num_threads()`` OpenMP threads, except below
+#: this many scores, where it runs on one. A small pass takes about a millisecond on one
+#: thread; on a machine whose cores are busy, a parallel region waits for every one of its
+#: threads to be scheduled, which can take far longer (bench/threads_small.py measures
+#: both), while on an idle machine the second thread saves at most half of that
+#: millisecond. Results do not depend on the thread count. Read at call time.
+SMALL_ELEMENTS = 1 << 20
+
+
+def threads_for(S: Tensor) -> int:
+    """The OpenMP threads of one pass over ``S`` (see :data:`SMALL_ELEMENTS`)."""
+    return 1 if S.numel() < SMALL_ELEMENTS else torch.get_num_threads()
 
 
 def status():
@@ -56,7 +68,7 @@ class CpuBackend:
     def _lse(self, fn, S: Tensor, scale: float, length: int, **vecs) -> Tensor:
         state = torch.empty(2, length, dtype=acc_dtype(S.dtype))
         fn(**_native.block_args(S, scale), **vecs, out_ptr=state[0].data_ptr(),
-           sum_ptr=state[1].data_ptr(), n_threads=torch.get_num_threads())
+           sum_ptr=state[1].data_ptr(), n_threads=threads_for(S))
         return _finish(state)
 
     def row_lse(self, S: Tensor, scale: float, g: Tensor | None = None) -> Tensor:
@@ -88,7 +100,7 @@ class CpuBackend:
         self._C.sinkhorn_step(**_native.block_args(S, scale), g_ptr=g.data_ptr(),
                               log_r_ptr=log_r.data_ptr(), f_ptr=f.data_ptr(),
                               lse_row_ptr=lse_row.data_ptr(), col_max_ptr=col[0].data_ptr(),
-                              col_sum_ptr=col[1].data_ptr(), n_threads=torch.get_num_threads())
+                              col_sum_ptr=col[1].data_ptr(), n_threads=threads_for(S))
         return f, lse_row, _finish(col)
 
     def ncl_grad_(self, S, scale, f, g, lse_row, lse_col, coef_row, coef_col, y, z,
@@ -105,7 +117,7 @@ class CpuBackend:
                          y_ptr=ptr(y), z_ptr=ptr(z), ds_ptr=ds.data_ptr(),
                          row_offset=int(row_offset), out_ptr=ptr(target),
                          out_row_stride=0 if target is None else _native.row_stride(target),
-                         n_threads=torch.get_num_threads())
+                         n_threads=threads_for(S))
         if target is not out:
             out.copy_(target)
         return ds
@@ -116,7 +128,7 @@ class CpuBackend:
         work = _native.readable(S)
         f, g = vec(f, acc), vec(g, acc)
         self._C.apply_biases(**_native.block_args(work, scale), f_ptr=ptr(f), g_ptr=ptr(g),
-                             n_threads=torch.get_num_threads())
+                             n_threads=threads_for(work))
         if work is not S:
             S.copy_(work)
         return S

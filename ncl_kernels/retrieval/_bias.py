@@ -8,6 +8,7 @@ import torch
 
 from .. import _library, _validate as V
 from .._dtypes import acc_dtype
+from .._types import Scale
 from ..backends import registry
 from ..sinkhorn import Problem, converged, embeddings_solution, run_embeddings
 
@@ -53,7 +54,7 @@ def bias_of_checked(method: str, bank: Tensor, gallery: Tensor, s: float, n_iter
     return sol.g
 
 
-def gallery_bias(bank: Tensor, gallery: Tensor, scale=1.0, *, method: str = "ncl",
+def gallery_bias(bank: Tensor, gallery: Tensor, scale: Scale = 1.0, *, method: str = "ncl",
                  n_iters: int = 100, tol: float | None = 1e-4, backend: str = "auto",
                  materialize: bool | None = None,
                  memory_budget: int | None = None) -> Tensor:

@@ -17,7 +17,7 @@ def text_to_video_targets(caption_to_video: Tensor) -> Tensor:
     return c2v.clone()
 
 
-def video_to_text_targets(caption_to_video: Tensor, n_videos=None) -> Tensor:
+def video_to_text_targets(caption_to_video: Tensor, n_videos: int | None = None) -> Tensor:
     """(n_videos, P) int64 targets for video-to-text: row ``v`` lists the captions of
     video ``v`` in increasing order, padded with -1; ``P`` is the largest caption count.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _library, _validate as V
+from .._types import Scale
 from ..backends import registry
 from . import _stream
 from ._bias import bias_of_checked
@@ -16,8 +17,8 @@ EVAL_METHODS = ("none", "ncl", "qbnorm", "qbnorm_dynamic", "dsl")
 NEEDS_BANK = ("ncl", "qbnorm", "qbnorm_dynamic")
 
 
-def evaluate(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
-             method: str = "none", bank: Tensor | None = None, beta=None,
+def evaluate(queries: Tensor, gallery: Tensor, targets: Tensor, scale: Scale = 1.0, *,
+             method: str = "none", bank: Tensor | None = None, beta: Scale | None = None,
              n_iters: int = 100, tol: float | None = 1e-4,
              chunk: int | None = None, backend: str = "auto") -> dict[str, float]:
     """Retrieval metrics (:func:`metrics`) of ``queries`` against ``gallery``.

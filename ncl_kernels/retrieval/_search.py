@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
+from .._types import Scale
 from . import _stream
 from ._scorers import LinearScorer
 
@@ -22,7 +23,7 @@ def linear_scorer(queries, gallery, scale, bias, chunk):
                                                                      Q.device)
 
 
-def ranks(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
+def ranks(queries: Tensor, gallery: Tensor, targets: Tensor, scale: Scale = 1.0, *,
           bias: Tensor | None = None, chunk: int | None = None) -> Tensor:
     """Rank of each query's positive: ``1 + #{j != t : score_j >= score_t}`` (docs/math.md 4).
 
@@ -48,8 +49,8 @@ def ranks(queries: Tensor, gallery: Tensor, targets: Tensor, scale=1.0, *,
         return _stream.rank_one_pass(scorer, T, chunk)[0]
 
 
-def topk(queries: Tensor, gallery: Tensor, k: int, scale=1.0, *,
-         bias: Tensor | None = None, chunk: int | None = None):
+def topk(queries: Tensor, gallery: Tensor, k: int, scale: Scale = 1.0, *,
+         bias: Tensor | None = None, chunk: int | None = None) -> tuple[Tensor, Tensor]:
     """The ``k`` best gallery items per query: ``(values, indices)``, sorted descending
     like ``torch.topk`` (values in float32; float64 for float64 embeddings).
 

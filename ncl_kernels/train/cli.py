@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
                    "--quick: 64)")
     p.add_argument("--queue-size", type=int, help="NCLLoss queue length (default 512; "
                    "--quick: 256)")
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch and the C++ "
+                   "kernels (torch.set_num_threads; default: PyTorch's, one per core). On a "
+                   "machine whose cores are busy, 1 is often fastest for these small batches")
     return p
 
 
@@ -58,6 +61,10 @@ def main(argv=None) -> int:
                 p.error(f"--{key.replace('_', '-')} must be "
                         f"{'>= 0' if key == 'queue_size' else '>= 1'}; got {value}")
             budget[key] = value
+    if args.threads is not None:
+        if args.threads < 1:
+            p.error(f"--threads must be >= 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = _device(p, args.device)
     for package in ("tqdm",) + (("matplotlib",) if args.out else ()):
         if importlib.util.find_spec(package) is None:   # found, not imported: stays fast
