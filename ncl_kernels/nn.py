@@ -7,13 +7,20 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _validate as V
+from . import _nn_terms as T, _validate as V
 from .loss import ncl_loss, ncl_loss_embeddings
 from .sinkhorn import sinkhorn, sinkhorn_embeddings
 
 Tensor = torch.Tensor
 MODES = ("auto", "dense", "streaming")
 _QUEUE = ("queue_text", "queue_video", "queue_video_mass")
+#: ``offset_penalty`` when a queue is on and none is given (docs/training.md)
+OFFSET_PENALTY = 0.01
+
+
+def _value(scale):
+    """``scale`` without its graph (the biases are constants for the gradient)."""
+    return scale.detach() if isinstance(scale, Tensor) else scale
 
 
 def _pad_targets(t: Optional[Tensor], n: int) -> Optional[Tensor]:
@@ -72,7 +79,9 @@ class NCLLoss(nn.Module):
 
     def __init__(self, n_iters: int = 4, weights=(0.5, 0.5), *, queue_size: int = 0,
                  queue_as_negatives: bool = True, mode: str = "auto",
-                 stream_above: int = 1 << 26, backend: str = "auto"):
+                 stream_above: int = 1 << 26, backend: str = "auto",
+                 positives: str = "first", bias_gradient: Optional[bool] = None,
+                 offset_penalty: Optional[float] = None):
         super().__init__()
         V.iterations(n_iters, None, 1)
         if mode not in MODES:
@@ -83,10 +92,26 @@ class NCLLoss(nn.Module):
         self.queue_size = queue_size
         self.queue_as_negatives = V.flag("queue_as_negatives", queue_as_negatives)
         self.mode, self.stream_above, self.backend = mode, int(stream_above), backend
+        self._set_training_terms(positives, bias_gradient, offset_penalty)
         # empty until the first step fixes D, dtype and device
         self.register_buffer("queue_text", torch.empty(0, 0))
         self.register_buffer("queue_video", torch.empty(0, 0))
         self.register_buffer("queue_video_mass", torch.empty(0))
+
+    def _set_training_terms(self, positives, bias_gradient, offset_penalty) -> None:
+        """The options beyond the loss op (docs/training.md); ``None``: the default, which
+        depends on whether a queue is on."""
+        self.positives = V.choice("positives", positives, T.POSITIVES)
+        queue = self.queue_size > 0 and self.n_iters > 0
+        self.bias_gradient = V.flag("bias_gradient",
+                                    queue if bias_gradient is None else bias_gradient)
+        if offset_penalty is None:
+            offset_penalty = OFFSET_PENALTY if queue else 0.0
+        if (not isinstance(offset_penalty, (int, float)) or isinstance(offset_penalty, bool)
+                or not offset_penalty >= 0 or offset_penalty == float("inf")):
+            raise ValueError(f"offset_penalty must be a finite number >= 0; got "
+                             f"{offset_penalty!r}")
+        self.offset_penalty = float(offset_penalty)
 
     # -- the queue ------------------------------------------------------------------------
     def reset_queue(self) -> None:
@@ -171,7 +196,12 @@ class NCLLoss(nn.Module):
         dense = self.mode == "dense" or (self.mode == "auto" and NT * MT <= self.stream_above)
         options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend,
                        row_targets=y_t, col_targets=z_t, col_mass=col_mass)
-        if self.queue_as_negatives or queued is None:
+        several = self.positives != "first" and caption_to_video is not None
+        if several or (self.bias_gradient and self.n_iters > 0) or self.offset_penalty:
+            block = (N, Vb) if queued is not None and not self.queue_as_negatives else (NT, MT)
+            loss = self._loss_with_terms(x, y, X, Y, scale, dense, options, block,
+                                         (y_t, z_t, counts) if several else None)
+        elif self.queue_as_negatives or queued is None:
             if dense:
                 loss = ncl_loss(X @ Y.T, scale, inplace_backward=True, **options)
             else:
@@ -201,6 +231,59 @@ class NCLLoss(nn.Module):
             return ncl_loss(x @ y.T, scale, inplace_backward=True, **options)
         return ncl_loss_embeddings(x, y, scale, **options)
 
+    def _loss_with_terms(self, x, y, X, Y, scale, dense, options, block, several):
+        """The loss with the optional terms of docs/training.md: the biases are solved here
+        on the whole problem ``X, Y`` (queue included) and the loss op runs on ``block``
+        (the batch when the queue only shapes the biases, else everything) with them."""
+        NT, MT = X.shape[0], Y.shape[0]
+        nb, mb = block
+        w_row, w_col = self.weights
+        f, g = self._solve(X, Y, scale, dense, options["col_mass"])
+        y_all, z_all = options["row_targets"], options["col_targets"]
+        if y_all is None:
+            y_all, z_all = V.default_targets(NT, MT, X.device)
+        loss_options = dict(n_iters=0, weights=self.weights, backend=self.backend,
+                            row_targets=y_all[:nb], col_targets=z_all[:mb], f=f[:nb],
+                            g=g[:mb])
+        Xb, Yb = X[:nb], Y[:mb]
+        if dense:
+            loss = ncl_loss(Xb @ Yb.T, scale, inplace_backward=True, **loss_options)
+        else:
+            loss = ncl_loss_embeddings(Xb, Yb, scale, **loss_options)
+        weights_t = None
+        if several is not None:   # every caption of a video is its positive
+            N, Vb = x.shape[0], y.shape[0]
+            c2v, z, counts = several[0][:N], several[1][:Vb], several[2]
+            loss = loss + T.all_positives(x, y, scale, c2v, z, counts, f[:N], w_col,
+                                          self.positives)
+            a = T.positive_logits(x.detach(), y.detach(), _value(scale), c2v, f[:N])
+            weights_t = T.target_weights(a, c2v, counts, self.positives)
+            weights_t = torch.cat([weights_t, weights_t.new_zeros(nb - N)])
+        if self.bias_gradient and self.n_iters > 0:
+            loss = loss + T.own_bias_term(
+                X, Y, scale, f, g, nb, mb, y_all, z_all, w_row, w_col,
+                col_target_weights=weights_t, dense=dense,
+                rows_per_chunk=max(1, self.stream_above // max(NT, MT)), backend=self.backend)
+        if self.offset_penalty:
+            loss = loss + self.offset_penalty * T.offset_spread(x, y, scale)
+        return loss
+
+    def _solve(self, X, Y, scale, dense, col_mass):
+        """Sinkhorn biases of the whole problem (detached); zeros for ``n_iters = 0``."""
+        if self.n_iters == 0:
+            f = X.new_zeros(X.shape[0], dtype=torch.float64 if X.dtype == torch.float64
+                            else torch.float32)
+            return f, f.new_zeros(Y.shape[0])
+        solve = dict(col_mass=col_mass, n_iters=self.n_iters, tol=None, backend=self.backend)
+        with torch.no_grad():
+            if dense:
+                sol = sinkhorn(X.detach() @ Y.detach().T, _value(scale), **solve)
+            else:
+                sol = sinkhorn_embeddings(X.detach(), Y.detach(), _value(scale), **solve)
+        return sol.f, sol.g
+
     def extra_repr(self) -> str:
         return (f"n_iters={self.n_iters}, weights={self.weights}, mode={self.mode!r}, "
-                f"queue_size={self.queue_size}, queue_as_negatives={self.queue_as_negatives}")
+                f"queue_size={self.queue_size}, queue_as_negatives={self.queue_as_negatives}, "
+                f"positives={self.positives!r}, bias_gradient={self.bias_gradient}, "
+                f"offset_penalty={self.offset_penalty}")
