@@ -80,3 +80,14 @@ def evaluate_run(model, train, test, device, *, bank_size: int = 8192, seed: int
             if way == "t2v":
                 summed[name] = summed_probability(queries, gallery, scale, bias)
     return run, summed
+
+
+@torch.no_grad()
+def offset_spread(model, data, device) -> dict:
+    """The spread of per-item logit offsets on ``data`` (docs/training.md, the drift):
+    the standard deviation over captions of each caption's mean logit over the videos,
+    ``scale * <x_i, mean_j y_j>``, and the same over videos."""
+    scale = float(model.scale().detach())
+    text, video = model.embed(data, device)
+    return {"captions": float((scale * text @ video.mean(0)).std()),
+            "videos": float((scale * video @ text.mean(0)).std())}

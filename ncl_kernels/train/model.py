@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -43,37 +44,41 @@ class DualEncoder(nn.Module):
         return self.text(data.text.to(device)), self.video(data.video.to(device))
 
 
-def make_loss(kind: str, queue_size: int) -> NCLLoss:
+def make_loss(kind: str, queue_size: int = 0, positives: str = "first") -> NCLLoss:
     """The two losses of the demo, both :class:`~ncl_kernels.NCLLoss`.
 
     ``"clip"``: ``n_iters=0``, which is exactly CLIP's symmetric InfoNCE (SPEC.md section
-    3). ``"ncl"``: 4 Sinkhorn iterations (the default) over the batch plus a queue of the
-    ``queue_size`` most recent earlier embeddings. The queue only shapes the biases
-    (``queue_as_negatives=False``): the loss's softmax runs over the same batch as CLIP's,
-    so the two runs differ by the normalization alone, not by extra negatives. (With the
-    queue as negatives, these towers collapsed in our runs, CLIP's loss included: without a
-    momentum encoder the model learns to tell this step's embeddings from the queued ones.)
+    3). ``"ncl"``: NCLLoss's defaults (converged batch biases), plus, with
+    ``queue_size > 0``, a queue of that many earlier embeddings that only shapes the
+    biases (``queue_as_negatives=False``: the loss's softmax runs over the same batch as
+    CLIP's, so the two runs differ by the normalization alone, not by extra negatives),
+    with the training terms a queue turns on (docs/training.md). ``positives`` is the
+    video-to-text targets of both: a video's first caption in the batch, or all of them.
     """
     if kind == "clip":
-        return NCLLoss(n_iters=0)
-    return NCLLoss(n_iters=4, queue_size=queue_size, queue_as_negatives=False)
+        return NCLLoss(n_iters=0, positives=positives)
+    if queue_size:
+        return NCLLoss(queue_size=queue_size, queue_as_negatives=False, positives=positives)
+    return NCLLoss(positives=positives)
 
 
 def train(data: Paired, loss_fn: NCLLoss, *, steps: int, batch_size: int, lr: float,
-          seed: int, device, progress=None) -> DualEncoder:
-    """Train a fresh :class:`DualEncoder` for ``steps`` steps of AdamW (cosine decay).
+          seed: int, device, progress=None, init: DualEncoder | None = None) -> DualEncoder:
+    """Train a :class:`DualEncoder` for ``steps`` steps of AdamW (cosine decay): a fresh
+    one, or a copy of ``init`` (fine-tuning; ``init`` is left as it is).
 
     Each step takes ``batch_size`` captions (epochs of a seeded permutation of all training
     captions) and their videos, each video once, and calls ``loss_fn(text, video, scale,
     caption_to_video=...)``: a video that two captions of the batch describe is one
-    column with two positives, not a false negative of itself. (Batches of whole videos
-    with all their captions did worse: the video-to-text term then always targets the same
-    "first" caption, which CLIP memorized and which made NCL's loss rise.) The seed fixes
-    the initialization and the batch order, so two losses see the same budget and batches.
+    column with two positives, not a false negative of itself. The seed fixes the
+    initialization and the batch order, so two losses see the same budget and batches.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = DualEncoder(data.text.shape[1], data.video.shape[1]).to(device)
+    if init is None:
+        model = DualEncoder(data.text.shape[1], data.video.shape[1]).to(device)
+    else:
+        model = copy.deepcopy(init).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     text, video = data.text.to(device), data.video.to(device)

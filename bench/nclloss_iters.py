@@ -1,0 +1,73 @@
+"""Time of one NCLLoss training step (forward + backward) against its Sinkhorn iterations.
+
+    python bench/nclloss_iters.py [--device cpu|cuda] [--threads T] [--reps R]
+
+For each problem size, the configurations run interleaved, round-robin, ``--reps`` times
+each, and the table gives the median time per step and its ratio to ``n_iters=0`` (CLIP's
+loss) and to ``n_iters=4``; ratios taken back to back in one process hold on a loaded
+machine where absolute times do not. The queue rows add the training terms a queue turns
+on (the own-bias gradient and the offset penalty) against a queue without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import ncl_kernels as nk
+
+SIZES = [(256, 256), (1024, 512), (4096, 512)]   # (batch, D); the queue holds one more batch
+ITERS = [0, 4, 10, 20]
+
+
+def step(loss_fn, x, y, s, sync):
+    xx, yy = x.clone().requires_grad_(), y.clone().requires_grad_()
+    t0 = time.perf_counter()
+    loss = loss_fn(xx, yy, s)
+    loss.backward()
+    sync()
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--reps", type=int, default=7)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for n, d in SIZES:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dev)
+        y = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dev)
+        s = torch.tensor(20.0, device=dev)
+        configs = {f"n_iters={k}": nk.NCLLoss(n_iters=k) for k in ITERS}
+        K = n
+        configs[f"queue {K}, plain"] = nk.NCLLoss(n_iters=20, queue_size=K,
+                                                 queue_as_negatives=False,
+                                                 bias_gradient=False, offset_penalty=0.0)
+        configs[f"queue {K}, default terms"] = nk.NCLLoss(n_iters=20, queue_size=K,
+                                                         queue_as_negatives=False)
+        for m in configs.values():   # warm up; fill the queues
+            for _ in range(5):
+                step(m.to(dev), x, y, s, sync)
+        times = {name: [] for name in configs}
+        for _ in range(a.reps):
+            for name, m in configs.items():
+                times[name].append(step(m, x, y, s, sync))
+        med = {name: statistics.median(t) for name, t in times.items()}
+        print(f"\nbatch {n}, D {d}, {dev} (median of {a.reps})")
+        print(f"{'config':28} {'ms':>9} {'/ n=0':>7} {'/ n=4':>7}")
+        for name, t in med.items():
+            print(f"{name:28} {1e3 * t:9.2f} {t / med['n_iters=0']:7.2f} "
+                  f"{t / med['n_iters=4']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
