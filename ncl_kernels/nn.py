@@ -7,9 +7,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _nn_terms as T, _validate as V
-from .loss import ncl_loss, ncl_loss_embeddings
-from .sinkhorn import sinkhorn, sinkhorn_embeddings
+from . import _nn_terms as T, _ops, _validate as V
+from .loss import _loss_options, ncl_loss, ncl_loss_embeddings
 
 Tensor = torch.Tensor
 MODES = ("auto", "dense", "streaming")
@@ -41,10 +40,13 @@ class NCLLoss(nn.Module):
 
     Targets. Without ``caption_to_video`` the batch is N = V pairs (row i with column i).
     With it (int64 (N,), values in ``[0, V)``), caption i's positive is video
-    ``caption_to_video[i]``; video j's positive caption (its video-to-text term) is its
-    first caption in the batch, and a video without captions has no loss term. The column
-    masses are proportional to each video's caption count (row masses are 1), so a video
-    with k captions receives k times the mass; a video without captions has mass 0.
+    ``caption_to_video[i]``, and video j's positives in its video-to-text term are its
+    captions in the batch, as ``positives`` says: ``"mean"`` (default) the mean over them
+    of one cross-entropy term per caption (same softmax); ``"all"`` minus the log of the
+    probability the video gives to any of them; ``"first"`` only its first caption, its
+    other captions being negatives. A video without captions has no loss term. The column masses are proportional to each
+    video's caption count (row masses are 1), so a video with k captions receives k times
+    the mass; a video without captions has mass 0.
 
     Queue (``queue_size`` K > 0). The module keeps, detached, the K most recent *earlier*
     caption embeddings and the K most recent earlier video embeddings (with their column
@@ -52,21 +54,29 @@ class NCLLoss(nn.Module):
     with ``.to()`` and round-trip exactly through ``state_dict()``). A step solves the
     problem on ``[batch; queue]`` (batch rows/columns first, queue rows oldest first), then
     enqueues the current batch (after its loss is computed; the oldest rows fall out).
-    Queued rows and columns have no loss term. With ``queue_as_negatives=True`` they join
-    the softmax denominators and the normalization: the loss is
-    ``ncl_loss_embeddings([x; Qx], [y; Qy], ...)``. With ``False`` they only shape the
-    biases: ``f, g`` come from Sinkhorn on the whole problem and the loss runs over the
-    batch block with ``f[:N], g[:V]``. No gradient flows into the queue.
+    Queued rows and columns have no loss term. With ``queue_as_negatives=False`` (default)
+    they only shape the biases: ``f, g`` come from Sinkhorn on the whole problem and the
+    loss runs over the batch block with ``f[:N], g[:V]``. With ``True`` they also join the
+    softmax denominators: the loss is ``ncl_loss_embeddings([x; Qx], [y; Qy], ...)``;
+    without a slowly moving (momentum) encoder for them, as MoCo uses, they are stale
+    negatives, and in the demo's towers that hurt retrieval with CLIP's loss and NCL's
+    alike (docs/training.md). No gradient flows into the queue.
 
-    Queued embeddings are detached copies from earlier steps. Without a slowly moving
-    (momentum) encoder for them, as MoCo uses, they are stale negatives that can hurt: in
-    the demo (``python -m ncl_kernels.train --quick``, towers trained from scratch) a queue
-    of 256 as negatives lowered text-to-video R@1 from 26.2 to 21.6 with CLIP's loss and
-    from 27.0 to 18.0 with NCL's (ranked with the bank bias), while
-    ``queue_as_negatives=False`` (the queue shapes the biases only) left NCL at 27.0.
+    Offset drift (docs/training.md). The biases are constants for the gradient, and they
+    absorb any per-caption or per-video offset of the logits. When they are exactly the
+    batch's converged biases and each caption is one target, the gradient has no component
+    along such offsets. Otherwise (a queue, too few iterations, several positives per
+    video) it keeps pushing offsets that the next solve absorbs, so nothing pulls them back
+    and they grow. Two terms counter it, on by default when it applies:
+    ``bias_gradient`` adds each bias's dependence on its own row or column to the gradient
+    (a zero-valued term: the loss value is unchanged), and ``offset_penalty`` adds
+    ``offset_penalty * (Var_i(scale <x_i, mean y>) + Var_j(scale <y_j, mean x>))`` over the
+    batch, a restoring force on the offsets.
 
     Args:
-        n_iters: Sinkhorn iterations for the biases (0: CLIP's symmetric InfoNCE).
+        n_iters: Sinkhorn iterations for the biases (0: CLIP's symmetric InfoNCE). The
+            default, 20, is close to converged for the logits of training (few-iteration
+            biases let the offsets drift).
         weights: ``(w_text_to_video, w_video_to_text)``.
         queue_size: K (0: no queue).
         queue_as_negatives: see above.
@@ -75,12 +85,18 @@ class NCLLoss(nn.Module):
             its gradient); ``"streaming"`` never forms it; ``"auto"`` streams once the
             matrix (queue included) would exceed ``stream_above`` elements.
         backend: see :func:`ncl_kernels.backends`.
+        positives: ``"mean"``, ``"all"`` or ``"first"``: see Targets.
+        bias_gradient: ``None`` (default): on when a queue is on, and for batches with
+            several captions of a video when ``positives`` is not ``"first"``; ``True`` or
+            ``False`` forces it. No effect with ``n_iters=0``.
+        offset_penalty: the weight above, >= 0; ``None`` (default): ``OFFSET_PENALTY``
+            with a queue, else 0.
     """
 
-    def __init__(self, n_iters: int = 4, weights=(0.5, 0.5), *, queue_size: int = 0,
-                 queue_as_negatives: bool = True, mode: str = "auto",
+    def __init__(self, n_iters: int = 20, weights=(0.5, 0.5), *, queue_size: int = 0,
+                 queue_as_negatives: bool = False, mode: str = "auto",
                  stream_above: int = 1 << 26, backend: str = "auto",
-                 positives: str = "first", bias_gradient: Optional[bool] = None,
+                 positives: str = "mean", bias_gradient: Optional[bool] = None,
                  offset_penalty: Optional[float] = None):
         super().__init__()
         V.iterations(n_iters, None, 1)
@@ -103,8 +119,9 @@ class NCLLoss(nn.Module):
         depends on whether a queue is on."""
         self.positives = V.choice("positives", positives, T.POSITIVES)
         queue = self.queue_size > 0 and self.n_iters > 0
-        self.bias_gradient = V.flag("bias_gradient",
-                                    queue if bias_gradient is None else bias_gradient)
+        #: None: decided per batch (a queue, or several captions of a video as positives)
+        self.bias_gradient = None if bias_gradient is None and not queue else \
+            V.flag("bias_gradient", True if bias_gradient is None else bias_gradient)
         if offset_penalty is None:
             offset_penalty = OFFSET_PENALTY if queue else 0.0
         if (not isinstance(offset_penalty, (int, float)) or isinstance(offset_penalty, bool)
@@ -197,10 +214,13 @@ class NCLLoss(nn.Module):
         options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend,
                        row_targets=y_t, col_targets=z_t, col_mass=col_mass)
         several = self.positives != "first" and caption_to_video is not None
-        if several or (self.bias_gradient and self.n_iters > 0) or self.offset_penalty:
+        bias_gradient = self.n_iters > 0 and (
+            several if self.bias_gradient is None else self.bias_gradient)
+        if several or bias_gradient or self.offset_penalty:
             block = (N, Vb) if queued is not None and not self.queue_as_negatives else (NT, MT)
             loss = self._loss_with_terms(x, y, X, Y, scale, dense, options, block,
-                                         (y_t, z_t, counts) if several else None)
+                                         (y_t, z_t, counts) if several else None,
+                                         bias_gradient)
         elif self.queue_as_negatives or queued is None:
             if dense:
                 loss = ncl_loss(X @ Y.T, scale, inplace_backward=True, **options)
@@ -216,22 +236,16 @@ class NCLLoss(nn.Module):
     def _batch_block_loss(self, x, y, X, Y, scale, dense, options) -> Tensor:
         """Biases from the whole problem, the loss softmax over the batch block only."""
         N, Vb = x.shape[0], y.shape[0]
-        solve = dict(col_mass=options["col_mass"], n_iters=self.n_iters, tol=None,
-                     backend=self.backend)
-        detached = scale.detach() if isinstance(scale, Tensor) else scale
-        with torch.no_grad():
-            if dense:
-                sol = sinkhorn(X.detach() @ Y.detach().T, detached, **solve)
-            else:
-                sol = sinkhorn_embeddings(X.detach(), Y.detach(), detached, **solve)
+        f, g = self._solve(X, Y, scale, dense, options["col_mass"])
         options = dict(n_iters=0, weights=self.weights, backend=self.backend,
                        row_targets=options["row_targets"][:N],
-                       col_targets=options["col_targets"][:Vb], f=sol.f[:N], g=sol.g[:Vb])
+                       col_targets=options["col_targets"][:Vb], f=f[:N], g=g[:Vb])
         if dense:
             return ncl_loss(x @ y.T, scale, inplace_backward=True, **options)
         return ncl_loss_embeddings(x, y, scale, **options)
 
-    def _loss_with_terms(self, x, y, X, Y, scale, dense, options, block, several):
+    def _loss_with_terms(self, x, y, X, Y, scale, dense, options, block, several,
+                         bias_gradient):
         """The loss with the optional terms of docs/training.md: the biases are solved here
         on the whole problem ``X, Y`` (queue included) and the loss op runs on ``block``
         (the batch when the queue only shapes the biases, else everything) with them."""
@@ -259,7 +273,7 @@ class NCLLoss(nn.Module):
             a = T.positive_logits(x.detach(), y.detach(), _value(scale), c2v, f[:N])
             weights_t = T.target_weights(a, c2v, counts, self.positives)
             weights_t = torch.cat([weights_t, weights_t.new_zeros(nb - N)])
-        if self.bias_gradient and self.n_iters > 0:
+        if bias_gradient:
             loss = loss + T.own_bias_term(
                 X, Y, scale, f, g, nb, mb, y_all, z_all, w_row, w_col,
                 col_target_weights=weights_t, dense=dense,
@@ -269,18 +283,29 @@ class NCLLoss(nn.Module):
         return loss
 
     def _solve(self, X, Y, scale, dense, col_mass):
-        """Sinkhorn biases of the whole problem (detached); zeros for ``n_iters = 0``."""
+        """Sinkhorn biases of the whole problem (detached); zeros for ``n_iters = 0``.
+
+        They come from the loss op's forward, which returns them (the op is what
+        ``torch.compile`` traces; ``sinkhorn`` validates data in Python), at the cost of
+        one LSE pass more than the solve."""
+        NT, MT = X.shape[0], Y.shape[0]
         if self.n_iters == 0:
-            f = X.new_zeros(X.shape[0], dtype=torch.float64 if X.dtype == torch.float64
+            f = X.new_zeros(NT, dtype=torch.float64 if X.dtype == torch.float64
                             else torch.float32)
-            return f, f.new_zeros(Y.shape[0])
-        solve = dict(col_mass=col_mass, n_iters=self.n_iters, tol=None, backend=self.backend)
+            return f, f.new_zeros(MT)
         with torch.no_grad():
+            X, Y = X.detach(), Y.detach()
+            S = X @ Y.T if dense else None
+            (scale_t, scale_f, yt, zt, r, c, f, g, n_iters, w_row,
+             w_col) = _loss_options(X, NT, MT, _value(scale), None, None, self.n_iters, None,
+                                    None, self.weights, None, col_mass)
             if dense:
-                sol = sinkhorn(X.detach() @ Y.detach().T, _value(scale), **solve)
+                out = _ops.loss_dense(S, scale_t, scale_f, self.backend, yt, zt, r, c, f, g,
+                                      n_iters, w_row, w_col, False)
             else:
-                sol = sinkhorn_embeddings(X.detach(), Y.detach(), _value(scale), **solve)
-        return sol.f, sol.g
+                out = _ops.loss_xy(X, Y, scale_t, scale_f, self.backend, yt, zt, r, c, f, g,
+                                   n_iters, w_row, w_col)
+        return out[1], out[2]
 
     def extra_repr(self) -> str:
         return (f"n_iters={self.n_iters}, weights={self.weights}, mode={self.mode!r}, "

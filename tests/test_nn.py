@@ -44,7 +44,8 @@ def _targets(n, v, kq_rows, kq_cols):
 @pytest.mark.parametrize("mode", ["dense", "streaming"])
 def test_queue_as_negatives_step_by_step(backend, mode):
     K = 6
-    module = nk.NCLLoss(n_iters=5, queue_size=K, mode=mode, backend=backend, **PLAIN)
+    module = nk.NCLLoss(n_iters=5, queue_size=K, queue_as_negatives=True, mode=mode,
+                        backend=backend, **PLAIN)
     qx = torch.empty(0, D, dtype=torch.float64)
     qy = torch.empty(0, D, dtype=torch.float64)
     for step in range(4):   # batches of 4, K = 6: the queue fills, then wraps
@@ -93,14 +94,15 @@ def test_several_captions_per_video(backend):
     first = torch.tensor([1, 3, 0, -1])
     counts = torch.tensor([2.0, 2.0, 3.0, 0.0], dtype=torch.float64)
     for mode in ("dense", "streaming"):
-        module = nk.NCLLoss(n_iters=5, mode=mode, backend=backend)
+        module = nk.NCLLoss(n_iters=5, mode=mode, backend=backend, positives="first")
         got = _grads(lambda a, b, s: module(a, b, s, caption_to_video=c2v), x, y, 10.0)
         expect = _grads(lambda a, b, s: nk.ncl_loss_embeddings(
             a, b, s, n_iters=5, row_targets=c2v, col_targets=first,
             col_mass=counts * 7 / 7, backend=backend), x, y, 10.0)
         _assert_same(got, expect)
     # with a queue, the queued videos keep their caption counts as masses
-    module = nk.NCLLoss(n_iters=5, queue_size=4, backend=backend, **PLAIN)
+    module = nk.NCLLoss(n_iters=5, queue_size=4, queue_as_negatives=True, backend=backend,
+                        positives="first", **PLAIN)
     module(x, y, 10.0, caption_to_video=c2v)
     assert torch.equal(module.queue_video_mass, counts)
     x2, y2 = _batch(1, n=5, v=5)
@@ -205,7 +207,8 @@ def _oracle_biases(X, Y, scale, n_iters, col_mass):
 def test_all_positives_match_the_oracle(backend, mode, positives):
     """Every caption of a video is its positive in the video-to-text term."""
     x, y = _batch(0, n=7, v=4)
-    module = nk.NCLLoss(n_iters=5, positives=positives, mode=mode, backend=backend)
+    module = nk.NCLLoss(n_iters=5, positives=positives, mode=mode, backend=backend,
+                        bias_gradient=False)
     got = _grads(lambda a, b, s: module(a, b, s, caption_to_video=C2V), x, y, 10.0)
     expect = _grads(lambda a, b, s: ref.ncl_loss_all_positives(
         a @ b.T, s, row_targets=C2V, positives=positives, n_iters=5, col_mass=COUNTS),
@@ -276,9 +279,21 @@ def test_offset_penalty_adds_the_spread_of_the_mean_logits(backend):
     assert rel_err(got - base, 0.3 * spread) < 1e-10
 
 
-def test_training_term_defaults_follow_the_queue():
+def test_training_term_defaults_follow_the_queue(backend):
     plain = nk.NCLLoss()
-    assert (plain.bias_gradient, plain.offset_penalty) == (False, 0.0)
+    assert (plain.n_iters, plain.positives, plain.queue_as_negatives) == (20, "mean", False)
+    assert (plain.bias_gradient, plain.offset_penalty) == (None, 0.0)
+    # without a queue, the bias gradient is on for batches with captions_to_video
+    x, y = _batch(4, n=7, v=4)
+    on = nk.NCLLoss(n_iters=5, bias_gradient=True, backend=backend)
+    for module in (plain, on):
+        module.n_iters = 5
+    with_c2v = [_grads(lambda a, b, s, m=m: m(a, b, s, caption_to_video=C2V), x, y, 10.0)
+                for m in (plain, on)]
+    _assert_same(*with_c2v)
+    x, y = _batch(4, n=4)
+    off = nk.NCLLoss(n_iters=5, bias_gradient=False, backend=backend)
+    _assert_same(_grads(plain, x, y, 10.0), _grads(off, x, y, 10.0))
     queued = nk.NCLLoss(queue_size=8)
     assert queued.bias_gradient and queued.offset_penalty == nk.nn.OFFSET_PENALTY
     assert nk.NCLLoss(queue_size=8, offset_penalty=0, bias_gradient=False).offset_penalty == 0

@@ -60,9 +60,10 @@ def parser() -> argparse.ArgumentParser:
                    "--quick: 64)")
     p.add_argument("--queue-size", type=int, default=0, help="NCLLoss queue length, which "
                    "only shapes the biases (default 0: biases from the batch)")
-    p.add_argument("--positives", choices=("first", "all", "mean"), default="all",
-                   help="a video's video-to-text targets in a batch: all of its captions "
-                        "(default) or only the first (both losses)")
+    p.add_argument("--positives", choices=("mean", "all", "first"), default="mean",
+                   help="a video's video-to-text targets in a batch (both losses): all of "
+                        "its captions, one term each ('mean', default) or their total "
+                        "probability ('all'), or only the first (see NCLLoss)")
     return p
 
 

@@ -44,7 +44,7 @@ class DualEncoder(nn.Module):
         return self.text(data.text.to(device)), self.video(data.video.to(device))
 
 
-def make_loss(kind: str, queue_size: int = 0, positives: str = "first") -> NCLLoss:
+def make_loss(kind: str, queue_size: int = 0, positives: str = "mean") -> NCLLoss:
     """The two losses of the demo, both :class:`~ncl_kernels.NCLLoss`.
 
     ``"clip"``: ``n_iters=0``, which is exactly CLIP's symmetric InfoNCE (SPEC.md section
@@ -52,8 +52,8 @@ def make_loss(kind: str, queue_size: int = 0, positives: str = "first") -> NCLLo
     ``queue_size > 0``, a queue of that many earlier embeddings that only shapes the
     biases (``queue_as_negatives=False``: the loss's softmax runs over the same batch as
     CLIP's, so the two runs differ by the normalization alone, not by extra negatives),
-    with the training terms a queue turns on (docs/training.md). ``positives`` is the
-    video-to-text targets of both: a video's first caption in the batch, or all of them.
+    with the training terms a queue turns on (docs/training.md). ``positives``: the
+    video-to-text targets of both (see :class:`~ncl_kernels.NCLLoss`).
     """
     if kind == "clip":
         return NCLLoss(n_iters=0, positives=positives)
