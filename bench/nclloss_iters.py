@@ -19,7 +19,6 @@ import torch
 
 import ncl_kernels as nk
 
-SIZES = [(256, 256), (1024, 512), (4096, 512)]   # (batch, D); the queue holds one more batch
 ITERS = [0, 4, 10, 20]
 
 
@@ -37,12 +36,14 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--sizes", default="256x256,1024x512,4096x512",
+                   help="batch x D, comma-separated")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for n, d in SIZES:
+    for n, d in (tuple(int(v) for v in size.split("x")) for size in a.sizes.split(",")):
         gen = torch.Generator().manual_seed(0)
         x = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dev)
         y = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1).to(dev)

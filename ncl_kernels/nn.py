@@ -44,9 +44,9 @@ class NCLLoss(nn.Module):
     captions in the batch, as ``positives`` says: ``"mean"`` (default) the mean over them
     of one cross-entropy term per caption (same softmax); ``"all"`` minus the log of the
     probability the video gives to any of them; ``"first"`` only its first caption, its
-    other captions being negatives. A video without captions has no loss term. The column masses are proportional to each
-    video's caption count (row masses are 1), so a video with k captions receives k times
-    the mass; a video without captions has mass 0.
+    other captions being negatives. A video without captions has no loss term. The column
+    masses are proportional to each video's caption count (row masses are 1), so a video
+    with k captions receives k times the mass; a video without captions has mass 0.
 
     Queue (``queue_size`` K > 0). The module keeps, detached, the K most recent *earlier*
     caption embeddings and the K most recent earlier video embeddings (with their column
