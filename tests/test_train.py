@@ -112,6 +112,17 @@ def test_npz(tmp_path):
     assert out["data"]["train"]["captions"] + out["data"]["test"]["captions"] == c2v.size
 
 
+def test_whole_video_batches(tmp_path):
+    """Batches of whole videos: every caption of a batch's videos, all positives."""
+    text, video, c2v = _features(40, 3)
+    path = tmp_path / "feats.npz"
+    np.savez(path, text=text, video=video, text_to_video=c2v)
+    assert run_main(["--data", str(path), "--out", str(tmp_path / "out"), "--epochs", "2",
+                     "--seeds", "1", "--batches", "videos", "--batch-size", "12"]) == 0
+    out = check_metrics_json(tmp_path / "out" / "metrics.json", n_seeds=1)
+    assert out["data"]["batches"] == "videos"
+
+
 def test_digits(tmp_path):
     """The real dataset that ships with scikit-learn: 1797 digits, left vs right half."""
     pytest.importorskip("sklearn")

@@ -60,6 +60,13 @@ def parser() -> argparse.ArgumentParser:
                    "--quick: 64)")
     p.add_argument("--queue-size", type=int, default=0, help="NCLLoss queue length, which "
                    "only shapes the biases (default 0: biases from the batch)")
+    p.add_argument("--n-iters", type=int, help="NCL's Sinkhorn iterations (default: "
+                   "NCLLoss's, 20)")
+    p.add_argument("--hubness", type=float, default=1.0, help="weight of the synthetic "
+                   "data's item-level hubs (default 1; 0: none; see data.synthetic)")
+    p.add_argument("--batches", choices=("captions", "videos"), default="captions",
+                   help="a batch is random captions and their videos (default) or random "
+                        "whole videos with all their captions, as many captions")
     p.add_argument("--positives", choices=("mean", "all", "first"), default="mean",
                    help="a video's video-to-text targets in a batch (both losses): all of "
                         "its captions, one term each ('mean', default) or their total "
@@ -73,7 +80,10 @@ def main(argv=None) -> int:
     budget = dict(BUDGETS["quick" if args.quick else "default"])
     scenario = args.scenario or ("finetune" if args.data == "synthetic" else "scratch")
     budget["epochs"] = budget["epochs"][scenario]
-    for key, low in (("epochs", 1), ("batch_size", 1), ("seeds", 1), ("queue_size", 0)):
+    budget["n_iters"] = args.n_iters
+    budget["hubness"] = args.hubness
+    for key, low in (("epochs", 1), ("batch_size", 1), ("seeds", 1), ("queue_size", 0),
+                     ("n_iters", 1), ("hubness", 0)):
         value = getattr(args, key)
         if value is not None:
             if value < low:
@@ -101,7 +111,7 @@ def main(argv=None) -> int:
             info = _describe(args, scenario, budget, pre_set, train_set, test_set, device,
                              seeds)
         per_seed.append(_one_seed(scenario, budget, args.positives, seed, device, pre_set,
-                                  train_set, test_set, tqdm))
+                                  train_set, test_set, tqdm, args.batches == "videos"))
     print(f"trained and evaluated in {time.time() - t0:.1f} s\n")
     summary = summarize(per_seed)
     print(report(summary, info["test"], seeds))
@@ -124,7 +134,7 @@ def main(argv=None) -> int:
 
 
 def _one_seed(scenario, budget, positives, seed, device, pre_set, train_set, test_set,
-              tqdm) -> dict:
+              tqdm, whole_videos) -> dict:
     """Pretraining (fine-tuning scenario), the two compared runs and their evaluation."""
     B = min(budget["batch_size"], train_set.text.shape[0])
     out = {"seed": seed, "runs": {}, "summed": {}}
@@ -139,9 +149,10 @@ def _one_seed(scenario, budget, positives, seed, device, pre_set, train_set, tes
         out["pretrained"] = _evaluate(base, train_set, test_set, device, seed)[0]
         lr = budget["ft_lr"]
     for run in RUNS:
-        model = train(train_set, make_loss(run, budget["queue_size"], positives).to(device),
+        loss = make_loss(run, budget["queue_size"], positives, budget["n_iters"])
+        model = train(train_set, loss.to(device),
                       steps=budget["epochs"] * (train_set.text.shape[0] // B), batch_size=B,
-                      lr=lr, seed=seed, device=device, init=base,
+                      lr=lr, seed=seed, device=device, init=base, whole_videos=whole_videos,
                       progress=lambda it, run=run: tqdm(it, desc=f"seed {seed} train {run}",
                                                         mininterval=0.5))
         out["runs"][run], out["summed"][run] = _evaluate(model, train_set, test_set, device,
@@ -237,7 +248,8 @@ def _describe(args, scenario, budget, pre_set, train_set, test_set, device, seed
     steps = budget["epochs"] * (train_set.text.shape[0]
                                 // min(budget["batch_size"], train_set.text.shape[0]))
     info = {"source": args.data, "scenario": scenario, "seeds": seeds,
-            "positives": args.positives, "queue_size": budget["queue_size"],
+            "positives": args.positives, "batches": args.batches,
+            "queue_size": budget["queue_size"],
             "text_dim": train_set.text.shape[1], "video_dim": train_set.video.shape[1],
             "train": train_set.sizes, "test": test_set.sizes, "steps": steps}
     print(f"data: {args.data}: {train_set.sizes['videos']} training videos "
@@ -255,7 +267,10 @@ def _describe(args, scenario, budget, pre_set, train_set, test_set, device, seed
     else:
         print(f"scenario: scratch: {steps} steps of {budget['batch_size']} captions per run")
     queue = f"a queue of {budget['queue_size']}" if budget["queue_size"] else "no queue"
-    print(f"NCL: NCLLoss defaults, {queue}; video-to-text positives: {args.positives}")
+    iters = "" if budget["n_iters"] is None else f"n_iters={budget['n_iters']}, "
+    print(f"NCL: NCLLoss defaults, {iters}{queue}; batches of {args.batches}; "
+          f"video-to-text positives: {args.positives}")
+    info.update(n_iters=budget["n_iters"], hubness=budget["hubness"])
     return info
 
 
@@ -274,7 +289,7 @@ def _device(p, name):
 def _load(source: str, scenario: str, budget: dict, seed: int):
     """``(pretraining set or None, training set, test set)``, standardized."""
     if source == "synthetic":
-        paired = D.synthetic(budget["n_videos"], seed=seed)
+        paired = D.synthetic(budget["n_videos"], seed=seed, hubness=budget["hubness"])
     elif source == "digits":
         paired = D.digits()
     else:
@@ -285,7 +300,7 @@ def _load(source: str, scenario: str, budget: dict, seed: int):
         # the same world (concepts, sensors), items drawn from another distribution; the
         # pretrained towers keep the pretraining set's input standardization
         pre = D.synthetic(budget["pre_videos"], seed=seed + 10_000, world_seed=seed,
-                          popularity="reversed")
+                          popularity="reversed", hubness=budget["hubness"])
         train_set, test_set = D.split_by_video(paired, TEST_FRACTION, seed,
                                                standardize_with=pre)
         D.z_score(pre, pre)

@@ -44,33 +44,39 @@ class DualEncoder(nn.Module):
         return self.text(data.text.to(device)), self.video(data.video.to(device))
 
 
-def make_loss(kind: str, queue_size: int = 0, positives: str = "mean") -> NCLLoss:
+def make_loss(kind: str, queue_size: int = 0, positives: str = "mean",
+              n_iters: int | None = None) -> NCLLoss:
     """The two losses of the demo, both :class:`~ncl_kernels.NCLLoss`.
 
     ``"clip"``: ``n_iters=0``, which is exactly CLIP's symmetric InfoNCE (SPEC.md section
-    3). ``"ncl"``: NCLLoss's defaults (converged batch biases), plus, with
-    ``queue_size > 0``, a queue of that many earlier embeddings that only shapes the
-    biases (``queue_as_negatives=False``: the loss's softmax runs over the same batch as
+    3). ``"ncl"``: NCLLoss's defaults (converged batch biases; ``n_iters`` overrides),
+    plus, with ``queue_size > 0``, a queue of that many earlier embeddings that only shapes
+    the biases (``queue_as_negatives=False``: the loss's softmax runs over the same batch as
     CLIP's, so the two runs differ by the normalization alone, not by extra negatives),
     with the training terms a queue turns on (docs/training.md). ``positives``: the
     video-to-text targets of both (see :class:`~ncl_kernels.NCLLoss`).
     """
     if kind == "clip":
         return NCLLoss(n_iters=0, positives=positives)
+    options = {} if n_iters is None else {"n_iters": n_iters}
     if queue_size:
-        return NCLLoss(queue_size=queue_size, queue_as_negatives=False, positives=positives)
-    return NCLLoss(positives=positives)
+        return NCLLoss(queue_size=queue_size, queue_as_negatives=False, positives=positives,
+                       **options)
+    return NCLLoss(positives=positives, **options)
 
 
 def train(data: Paired, loss_fn: NCLLoss, *, steps: int, batch_size: int, lr: float,
-          seed: int, device, progress=None, init: DualEncoder | None = None) -> DualEncoder:
+          seed: int, device, progress=None, init: DualEncoder | None = None,
+          whole_videos: bool = False) -> DualEncoder:
     """Train a :class:`DualEncoder` for ``steps`` steps of AdamW (cosine decay): a fresh
     one, or a copy of ``init`` (fine-tuning; ``init`` is left as it is).
 
     Each step takes ``batch_size`` captions (epochs of a seeded permutation of all training
     captions) and their videos, each video once, and calls ``loss_fn(text, video, scale,
     caption_to_video=...)``: a video that two captions of the batch describe is one
-    column with two positives, not a false negative of itself. The seed fixes the
+    column with two positives, not a false negative of itself. With ``whole_videos``, a
+    step takes instead about ``batch_size`` captions' worth of whole videos (epochs of a
+    permutation of the videos), each with all its captions. The seed fixes the
     initialization and the batch order, so two losses see the same budget and batches.
     """
     torch.manual_seed(seed)
@@ -84,6 +90,11 @@ def train(data: Paired, loss_fn: NCLLoss, *, steps: int, batch_size: int, lr: fl
     text, video = data.text.to(device), data.video.to(device)
     N = text.shape[0]
     B = min(batch_size, N)
+    if whole_videos:   # draw videos; a batch is all their captions
+        M = data.video.shape[0]
+        captions = torch.argsort(data.text_to_video, stable=True)
+        start = torch.searchsorted(data.text_to_video[captions], torch.arange(M + 1))
+        N, B = M, max(1, min(M, round(B * M / N)))
     order, at = torch.randperm(N, generator=gen), 0
     model.train()
     for _ in (progress(range(steps)) if progress else range(steps)):
@@ -91,6 +102,8 @@ def train(data: Paired, loss_fn: NCLLoss, *, steps: int, batch_size: int, lr: fl
             order, at = torch.randperm(N, generator=gen), 0
         rows = order[at:at + B]
         at += B
+        if whole_videos:
+            rows = torch.cat([captions[start[v]:start[v + 1]] for v in rows.tolist()])
         vids, c2v = torch.unique(data.text_to_video[rows], return_inverse=True)
         loss = loss_fn(model.text(text[rows.to(device)]), model.video(video[vids.to(device)]),
                        model.scale(), caption_to_video=c2v.to(device))
