@@ -64,8 +64,13 @@ def demo_steps(dev, sync, reps):
     for _ in range(reps):
         for name in configs:
             times[name].append(one(name))
+    table(f"demo towers, batch 128, {dev} (median of {reps})", times)
+
+
+def table(title, times):
+    """Median per configuration and its ratios to ``n_iters=0`` and ``n_iters=4``."""
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"\ndemo towers, batch 128, {dev} (median of {reps})")
+    print(f"\n{title}")
     print(f"{'config':28} {'ms':>9} {'/ n=0':>7} {'/ n=4':>7}")
     for name, t in med.items():
         print(f"{name:28} {1e3 * t:9.2f} {t / med['n_iters=0']:7.2f} "
@@ -106,12 +111,7 @@ def main():
         for _ in range(a.reps):
             for name, m in configs.items():
                 times[name].append(step(m, x, y, s, sync))
-        med = {name: statistics.median(t) for name, t in times.items()}
-        print(f"\nbatch {n}, D {d}, {dev} (median of {a.reps})")
-        print(f"{'config':28} {'ms':>9} {'/ n=0':>7} {'/ n=4':>7}")
-        for name, t in med.items():
-            print(f"{name:28} {1e3 * t:9.2f} {t / med['n_iters=0']:7.2f} "
-                  f"{t / med['n_iters=4']:7.2f}")
+        table(f"batch {n}, D {d}, {dev} (median of {a.reps})", times)
 
 
 if __name__ == "__main__":

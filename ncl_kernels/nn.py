@@ -216,39 +216,26 @@ class NCLLoss(nn.Module):
         several = self.positives != "first" and caption_to_video is not None
         bias_gradient = self.n_iters > 0 and (
             several if self.bias_gradient is None else self.bias_gradient)
-        if several or bias_gradient or self.offset_penalty:
-            block = (N, Vb) if queued is not None and not self.queue_as_negatives else (NT, MT)
+        biases_only = queued is not None and not self.queue_as_negatives
+        if several or bias_gradient or self.offset_penalty or biases_only:
+            block = (N, Vb) if biases_only else (NT, MT)
             loss = self._loss_with_terms(x, y, X, Y, scale, dense, options, block,
                                          (y_t, z_t, counts) if several else None,
                                          bias_gradient)
-        elif self.queue_as_negatives or queued is None:
-            if dense:
-                loss = ncl_loss(X @ Y.T, scale, inplace_backward=True, **options)
-            else:
-                loss = ncl_loss_embeddings(X, Y, scale, **options)
+        elif dense:   # the biases are solved inside the loss op
+            loss = ncl_loss(X @ Y.T, scale, inplace_backward=True, **options)
         else:
-            loss = self._batch_block_loss(x, y, X, Y, scale, dense, options)
+            loss = ncl_loss_embeddings(X, Y, scale, **options)
         if self.queue_size:
             self._enqueue(x, y, torch.ones(Vb, dtype=torch.float64, device=x.device)
                           if counts is None else counts)
         return loss
 
-    def _batch_block_loss(self, x, y, X, Y, scale, dense, options) -> Tensor:
-        """Biases from the whole problem, the loss softmax over the batch block only."""
-        N, Vb = x.shape[0], y.shape[0]
-        f, g = self._solve(X, Y, scale, dense, options["col_mass"])
-        options = dict(n_iters=0, weights=self.weights, backend=self.backend,
-                       row_targets=options["row_targets"][:N],
-                       col_targets=options["col_targets"][:Vb], f=f[:N], g=g[:Vb])
-        if dense:
-            return ncl_loss(x @ y.T, scale, inplace_backward=True, **options)
-        return ncl_loss_embeddings(x, y, scale, **options)
-
     def _loss_with_terms(self, x, y, X, Y, scale, dense, options, block, several,
                          bias_gradient):
-        """The loss with the optional terms of docs/training.md: the biases are solved here
-        on the whole problem ``X, Y`` (queue included) and the loss op runs on ``block``
-        (the batch when the queue only shapes the biases, else everything) with them."""
+        """The biases solved here on the whole problem ``X, Y`` (queue included), the loss
+        op on ``block`` with them (the batch when the queue only shapes the biases, else
+        everything), plus the optional terms of docs/training.md."""
         NT, MT = X.shape[0], Y.shape[0]
         nb, mb = block
         w_row, w_col = self.weights
