@@ -58,7 +58,7 @@ def worker(rank, world, init, steps, out):
     try:
         torch.manual_seed(0)                       # the same initial weights everywhere
         model = DDP(Towers())
-        loss_fn = nk.distributed.DistributedNCLLoss(n_iters=4, queue_size=64)
+        loss_fn = nk.distributed.DistributedNCLLoss(n_iters=20, queue_size=64)
         opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
         for step, (text, video, c2v) in enumerate(batches(rank, steps)):
             t, v, scale = model(text, video)

@@ -56,8 +56,9 @@ class NCLClipLoss(nn.Module):
 
     Rows are images, columns texts: ``weights = (w_image_to_text, w_text_to_image)``.
     With ``n_iters=0`` the loss is open_clip's symmetric InfoNCE exactly; with
-    ``n_iters > 0`` (default 4) the logits of both directions carry the instance-wise
-    biases of ``n_iters`` Sinkhorn iterations over the *global* batch (all ranks).
+    ``n_iters > 0`` (default 20, as :class:`NCLLoss`: docs/training.md) the logits of both
+    directions carry the instance-wise biases of ``n_iters`` Sinkhorn iterations over the
+    *global* batch (all ranks).
 
     ``forward(image_features, text_features, logit_scale, logit_bias=None,
     output_dict=False)``: N image-text pairs per rank; ``logit_scale`` is the multiplier
@@ -93,9 +94,13 @@ class NCLClipLoss(nn.Module):
             (they are a few integers), so it changes nothing.
         use_horovod: must be False (Horovod is not supported).
         n_iters, weights: the NCL biases and the direction weights.
-        queue_size, embed_dim: a queue of earlier embeddings (:class:`NCLLoss`; kept
-            per rank when distributed, see :class:`DistributedNCLLoss`); not with
-            ``local_loss``.
+        queue_size, embed_dim: a queue of earlier embeddings, kept per rank when
+            distributed (see :class:`DistributedNCLLoss`), whose entries are negatives
+            (``queue_as_negatives=True``, without :class:`NCLLoss`'s drift terms, on one
+            process as on several); not with ``local_loss``. Without a momentum encoder
+            such a queue cost retrieval in our measurements (docs/training.md): for
+            training with a queue on one process, :class:`NCLLoss`'s biases-only queue
+            is the recommended form.
         mode: ``world_size == 1`` only: :class:`NCLLoss`'s dense/streaming choice.
         group: the process group (default: the world).
         backend: see :func:`ncl_kernels.backends`.
@@ -103,7 +108,7 @@ class NCLClipLoss(nn.Module):
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False,
                  cache_labels: bool = False, rank: int = 0, world_size: int = 1,
-                 use_horovod: bool = False, *, n_iters: int = 4,
+                 use_horovod: bool = False, *, n_iters: int = 20,
                  weights: Weights = (0.5, 0.5), queue_size: int = 0,
                  embed_dim: Optional[int] = None, mode: str = "auto",
                  group: Optional[dist.ProcessGroup] = None, backend: str = "auto") -> None:
@@ -126,8 +131,11 @@ class NCLClipLoss(nn.Module):
         self.group, self.backend = group, backend
         self.inner: Optional[nn.Module] = None
         if self.world_size == 1:
+            # the distributed module's queue and targets, so that one process and several
+            # compute the same loss
             self.inner = NCLLoss(n_iters, weights, queue_size=queue_size, embed_dim=embed_dim,
-                                 mode=mode, backend=backend)
+                                 mode=mode, backend=backend, queue_as_negatives=True,
+                                 positives="first", bias_gradient=False, offset_penalty=0.0)
         elif not self.local_loss:
             self.inner = D.DistributedNCLLoss(
                 n_iters, weights, queue_size=queue_size, embed_dim=embed_dim,

@@ -420,7 +420,9 @@ class DistributedNCLLoss(NCLLoss):
     ``forward(text_features, video_features, scale, caption_to_video=None)`` takes this
     rank's captions (n_r, D) and videos (v_r, D) and returns, on every rank, the NCL loss
     of the global batch (every rank's batch, in rank order): the value
-    :class:`ncl_kernels.NCLLoss` gives on the concatenated batch. It runs
+    :class:`ncl_kernels.NCLLoss` gives on the concatenated batch with
+    ``queue_as_negatives=True, positives="first", bias_gradient=False, offset_penalty=0``
+    (the options this module has; see below). It runs
     :func:`ncl_loss_embeddings` (the items are all-gathered once; the N x M block is
     never formed). Every rank must call it collectively with the same options.
 
@@ -441,7 +443,10 @@ class DistributedNCLLoss(NCLLoss):
     concatenated batches (up to the order of rows and columns, which the loss does not
     see). Queued entries are negatives and take part in the normalization
     (``queue_as_negatives=True``; the biases-only queue of :class:`NCLLoss` has no
-    distributed form here). Rank slices may differ in size.
+    distributed form here). Rank slices may differ in size. :class:`NCLLoss`'s training
+    terms (``positives`` other than ``"first"``, ``bias_gradient``, ``offset_penalty``)
+    have no distributed form either: with a queue, the per-item offsets can drift
+    (docs/training.md says when and why).
 
     Gradients (``gradients``):
 
@@ -461,12 +466,13 @@ class DistributedNCLLoss(NCLLoss):
         group: the process group (default: the world), resolved at each call.
     """
 
-    def __init__(self, n_iters: int = 4, weights: Weights = (0.5, 0.5), *,
+    def __init__(self, n_iters: int = 20, weights: Weights = (0.5, 0.5), *,
                  queue_size: int = 0, embed_dim: Optional[int] = None,
                  gradients: str = "open_clip", group: Optional[dist.ProcessGroup] = None,
                  backend: str = "auto") -> None:
         super().__init__(n_iters, weights, queue_size=queue_size, queue_as_negatives=True,
-                         embed_dim=embed_dim, mode="streaming", backend=backend)
+                         embed_dim=embed_dim, mode="streaming", backend=backend,
+                         positives="first", bias_gradient=False, offset_penalty=0.0)
         self.gradients = V.choice("gradients", gradients, GRADIENTS)
         self.group = group
 

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import _materialize as M_, _validate as V
+from . import _materialize as M_, _nn_terms as T, _validate as V
 from .loss import embeddings_loss
 from .sinkhorn import embeddings_solution
 
@@ -18,6 +18,13 @@ MODES = ("auto", "dense", "streaming")
 _SIDES = ("text", "video")
 _QUEUE = tuple(f"queue_{side}{part}" for side in _SIDES for part in ("", "_mass", "_next"))
 NAMES = ("text_features", "video_features")
+#: ``offset_penalty`` when a queue is on and none is given (docs/training.md)
+OFFSET_PENALTY = 0.01
+
+
+def _value(scale):
+    """``scale`` without its graph (the biases are constants for the gradient)."""
+    return scale.detach() if isinstance(scale, Tensor) else scale
 
 
 def _pad_targets(t: Optional[Tensor], n: int) -> Optional[Tensor]:
@@ -38,8 +45,11 @@ class NCLLoss(nn.Module):
 
     Targets. Without ``caption_to_video`` the batch is N = V pairs (row i with column i).
     With it (int64 (N,), values in ``[0, V)`` or ``-1``), caption i's positive is video
-    ``caption_to_video[i]``; video j's positive caption (its video-to-text term) is its
-    first caption in the batch, and a video without captions has no loss term. A caption
+    ``caption_to_video[i]``, and video j's positives in its video-to-text term are its
+    captions in the batch, as ``positives`` says: ``"mean"`` (default) the mean over them
+    of one cross-entropy term per caption (same softmax); ``"all"`` minus the log of the
+    probability the video gives to any of them; ``"first"`` only its first caption, its
+    other captions being negatives. A video without captions has no loss term. A caption
     marked ``-1`` has no loss term and no mass (it takes no part in the problem). The
     column masses are proportional to each video's caption count (row masses are 1), so a
     video with k captions receives k times the mass; a video without captions has mass 0.
@@ -57,16 +67,29 @@ class NCLLoss(nn.Module):
     first step in the batch's dtype and device (a compiled step then recompiles once).
     :meth:`queued` returns the filled entries, oldest first.
 
-    Queued rows and columns have no loss term. With ``queue_as_negatives=True`` they join
-    the softmax denominators and the normalization: the loss is
-    ``ncl_loss_embeddings([x; Qx], [y; Qy], ...)``. With ``False`` they only shape the
-    biases: ``f, g`` come from Sinkhorn on the whole problem and the loss runs over the
-    batch block with ``f[:N], g[:V]``. No gradient flows into the queue. Queued
-    embeddings are stale (detached copies from earlier steps, without a momentum
-    encoder): docs/training.md says what a queue did to training in the demo.
+    Queued rows and columns have no loss term. With ``queue_as_negatives=False`` (default)
+    they only shape the biases: ``f, g`` come from Sinkhorn on the whole problem and the
+    loss runs over the batch block with ``f[:N], g[:V]``. With ``True`` they also join the
+    softmax denominators: the loss is ``ncl_loss_embeddings([x; Qx], [y; Qy], ...)``;
+    without a slowly moving (momentum) encoder for them, as MoCo uses, they are stale
+    negatives, and in the demo's towers that hurt retrieval with CLIP's loss and NCL's
+    alike (docs/training.md). No gradient flows into the queue.
+
+    Offset drift (docs/training.md). The biases are constants for the gradient, and they
+    absorb any per-caption or per-video offset of the logits. When they are exactly the
+    batch's converged biases and each caption is one target, the gradient has no component
+    along such offsets. Otherwise (a queue, too few iterations, several positives per
+    video) it keeps pushing offsets that the next solve absorbs, so nothing pulls them back
+    and they grow. Two terms counter it, on by default when it applies:
+    ``bias_gradient`` adds each bias's dependence on its own row or column to the gradient
+    (a zero-valued term: the loss value is unchanged), and ``offset_penalty`` adds
+    ``offset_penalty * (Var_i(scale <x_i, mean y>) + Var_j(scale <y_j, mean x>))`` over the
+    batch, a restoring force on the offsets.
 
     Args:
-        n_iters: Sinkhorn iterations for the biases (0: CLIP's symmetric InfoNCE).
+        n_iters: Sinkhorn iterations for the biases (0: CLIP's symmetric InfoNCE). The
+            default, 20, is close to converged for the logits of training (few-iteration
+            biases let the offsets drift).
         weights: ``(w_text_to_video, w_video_to_text)``.
         queue_size: K (0: no queue).
         queue_as_negatives: see above.
@@ -78,11 +101,19 @@ class NCLLoss(nn.Module):
             at most ``stream_above`` elements (queue included) and the cost model of
             :func:`ncl_kernels.ncl_loss_embeddings` says that is faster.
         backend: see :func:`ncl_kernels.backends`.
+        positives: ``"mean"``, ``"all"`` or ``"first"``: see Targets.
+        bias_gradient: ``None`` (default): on when a queue is on, and for batches with
+            several captions of a video when ``positives`` is not ``"first"``; ``True`` or
+            ``False`` forces it. No effect with ``n_iters=0``.
+        offset_penalty: the weight above, >= 0; ``None`` (default): ``OFFSET_PENALTY``
+            with a queue, else 0.
     """
 
-    def __init__(self, n_iters: int = 4, weights=(0.5, 0.5), *, queue_size: int = 0,
-                 queue_as_negatives: bool = True, embed_dim: Optional[int] = None,
-                 mode: str = "auto", stream_above: int = 1 << 26, backend: str = "auto"):
+    def __init__(self, n_iters: int = 20, weights=(0.5, 0.5), *, queue_size: int = 0,
+                 queue_as_negatives: bool = False, embed_dim: Optional[int] = None,
+                 mode: str = "auto", stream_above: int = 1 << 26, backend: str = "auto",
+                 positives: str = "mean", bias_gradient: Optional[bool] = None,
+                 offset_penalty: Optional[float] = None):
         super().__init__()
         V.iterations(n_iters, None, 1)
         if mode not in MODES:
@@ -92,6 +123,7 @@ class NCLLoss(nn.Module):
         self.queue_as_negatives = V.flag("queue_as_negatives", queue_as_negatives)
         self.mode, self.backend = mode, backend
         self.stream_above = V.count("stream_above", stream_above)
+        self._set_training_terms(positives, bias_gradient, offset_penalty)
         for side in _SIDES:
             self.register_buffer(f"queue_{side}", torch.empty(0, 0))
             self.register_buffer(f"queue_{side}_mass", torch.empty(0, dtype=torch.float64))
@@ -99,6 +131,22 @@ class NCLLoss(nn.Module):
         if self.queue_size and embed_dim is not None:
             self._allocate(V.positive_int("embed_dim", embed_dim), torch.float32,
                            torch.device("cpu"))
+
+    def _set_training_terms(self, positives, bias_gradient, offset_penalty) -> None:
+        """The options beyond the loss op (docs/training.md); ``None``: the default, which
+        depends on whether a queue is on."""
+        self.positives = V.choice("positives", positives, T.POSITIVES)
+        queue = self.queue_size > 0 and self.n_iters > 0
+        #: None: decided per batch (a queue, or several captions of a video as positives)
+        self.bias_gradient = None if bias_gradient is None and not queue else \
+            V.flag("bias_gradient", True if bias_gradient is None else bias_gradient)
+        if offset_penalty is None:
+            offset_penalty = OFFSET_PENALTY if queue else 0.0
+        if (not isinstance(offset_penalty, (int, float)) or isinstance(offset_penalty, bool)
+                or not offset_penalty >= 0 or offset_penalty == float("inf")):
+            raise ValueError(f"offset_penalty must be a finite number >= 0; got "
+                             f"{offset_penalty!r}")
+        self.offset_penalty = float(offset_penalty)
 
     # -- the queue ------------------------------------------------------------------------
     def _allocate(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -240,11 +288,18 @@ class NCLLoss(nn.Module):
         options = dict(n_iters=self.n_iters, weights=self.weights, backend=self.backend,
                        row_targets=y_t, col_targets=z_t, row_mass=row_mass,
                        col_mass=col_mass)
-        if self.queue_as_negatives or queue is None:
+        several = self.positives != "first" and caption_to_video is not None
+        bias_gradient = self.n_iters > 0 and (
+            several if self.bias_gradient is None else self.bias_gradient)
+        biases_only = queue is not None and not self.queue_as_negatives
+        if several or bias_gradient or self.offset_penalty or biases_only:
+            block = (N, Vb) if biases_only else (NT, MT)
+            loss = self._loss_with_terms(x, y, X, Y, scale, dense, options, block,
+                                         (y_t, z_t, counts) if several else None,
+                                         bias_gradient)
+        else:   # the biases are solved inside the loss op
             loss = embeddings_loss(X, Y, scale, NAMES, f=None, g=None, materialize=dense,
                                    memory_budget=None, **options)
-        else:
-            loss = self._batch_block_loss(x, y, X, Y, scale, dense, options)
         if queue is not None:
             ones = torch.ones(max(N, Vb), dtype=torch.float64, device=x.device)
             self._enqueue("text", x, ones[:N] if row_mass is None else row_mass[:N])
@@ -258,21 +313,58 @@ class NCLLoss(nn.Module):
         budget = self.stream_above * (8 if X.dtype == torch.float64 else 4)
         return M_.choose(None, budget, X, Y, passes=2 * self.n_iters + 1, backward=True)
 
-    def _batch_block_loss(self, x, y, X, Y, scale, dense, options) -> Tensor:
-        """Biases from the whole problem, the loss softmax over the batch block only."""
-        N, Vb = x.shape[0], y.shape[0]
-        detached = scale.detach() if isinstance(scale, Tensor) else scale
-        sol = embeddings_solution(X.detach(), Y.detach(), detached, NAMES,
-                                  row_mass=options["row_mass"], col_mass=options["col_mass"],
-                                  n_iters=self.n_iters, tol=None, check_every=1, init_g=None,
-                                  backend=self.backend, strict=False, materialize=dense,
-                                  memory_budget=None)
-        return embeddings_loss(x, y, scale, NAMES, n_iters=0, weights=self.weights,
-                               backend=self.backend, row_targets=options["row_targets"][:N],
-                               col_targets=options["col_targets"][:Vb], f=sol.f[:N],
-                               g=sol.g[:Vb], row_mass=None, col_mass=None, materialize=dense,
-                               memory_budget=None)
+    def _loss_with_terms(self, x, y, X, Y, scale, dense, options, block, several,
+                         bias_gradient):
+        """The biases solved here on the whole problem ``X, Y`` (queue included), the loss
+        on ``block`` with them (the batch when the queue only shapes the biases, else
+        everything), plus the optional terms of docs/training.md."""
+        NT, MT = X.shape[0], Y.shape[0]
+        nb, mb = block
+        w_row, w_col = self.weights
+        f, g = self._solve(X, Y, scale, dense, options["row_mass"], options["col_mass"])
+        y_all, z_all = options["row_targets"], options["col_targets"]
+        if y_all is None:
+            y_all, z_all = V.default_targets(NT, MT, X.device)
+        loss = embeddings_loss(X[:nb], Y[:mb], scale, NAMES, n_iters=0, weights=self.weights,
+                               backend=self.backend, row_targets=y_all[:nb],
+                               col_targets=z_all[:mb], f=f[:nb], g=g[:mb], row_mass=None,
+                               col_mass=None, materialize=dense, memory_budget=None)
+        weights_t = None
+        if several is not None:   # every caption of a video is its positive
+            N, Vb = x.shape[0], y.shape[0]
+            c2v, z, counts = several[0][:N], several[1][:Vb], several[2]
+            loss = loss + T.all_positives(x, y, scale, c2v, z, counts, f[:N], w_col,
+                                          self.positives)
+            a = T.positive_logits(x.detach(), y.detach(), _value(scale), c2v, f[:N])
+            weights_t = T.target_weights(a, c2v, counts, self.positives)
+            weights_t = torch.cat([weights_t, weights_t.new_zeros(nb - N)])
+        if bias_gradient:
+            loss = loss + T.own_bias_term(
+                X, Y, scale, f, g, nb, mb, y_all, z_all, w_row, w_col,
+                col_target_weights=weights_t, dense=dense,
+                rows_per_chunk=max(1, self.stream_above // max(NT, MT)), backend=self.backend)
+        if self.offset_penalty:
+            rows = None if options["row_mass"] is None else options["row_mass"][:x.shape[0]]
+            loss = loss + self.offset_penalty * T.offset_spread(x, y, scale, rows)
+        return loss
+
+    def _solve(self, X, Y, scale, dense, row_mass, col_mass):
+        """Sinkhorn biases of the whole problem (detached); zeros for ``n_iters = 0``."""
+        NT, MT = X.shape[0], Y.shape[0]
+        if self.n_iters == 0:
+            acc = torch.float64 if X.dtype == torch.float64 else torch.float32
+            f = X.new_zeros(NT, dtype=acc)
+            if row_mass is not None:   # a caption without mass takes no part
+                f = torch.where(row_mass > 0, f, float("-inf"))
+            return f, f.new_zeros(MT)
+        sol = embeddings_solution(X.detach(), Y.detach(), _value(scale), NAMES,
+                                  row_mass=row_mass, col_mass=col_mass, n_iters=self.n_iters,
+                                  tol=None, check_every=1, init_g=None, backend=self.backend,
+                                  strict=False, materialize=dense, memory_budget=None)
+        return sol.f, sol.g
 
     def extra_repr(self) -> str:
         return (f"n_iters={self.n_iters}, weights={self.weights}, mode={self.mode!r}, "
-                f"queue_size={self.queue_size}, queue_as_negatives={self.queue_as_negatives}")
+                f"queue_size={self.queue_size}, queue_as_negatives={self.queue_as_negatives}, "
+                f"positives={self.positives!r}, bias_gradient={self.bias_gradient}, "
+                f"offset_penalty={self.offset_penalty}")

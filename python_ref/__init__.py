@@ -5,7 +5,15 @@ Naive on purpose: dense matrices, ``torch.logsumexp``, no chunking, every functi
 against it; tests and benchmarks import this one copy.
 """
 
-from .loss import apply_biases, default_targets, ncl_grad, ncl_loss, ncl_loss_embeddings
+from .loss import (
+    apply_biases,
+    default_targets,
+    ncl_grad,
+    ncl_loss,
+    ncl_loss_all_positives,
+    ncl_loss_embeddings,
+    ncl_loss_own_bias,
+)
 from .retrieval import (
     dual_softmax_scores,
     gallery_bias,
@@ -38,6 +46,8 @@ __all__ = [
     "ncl_loss",
     "ncl_loss_embeddings",
     "ncl_grad",
+    "ncl_loss_all_positives",
+    "ncl_loss_own_bias",
     "apply_biases",
     "gallery_bias",
     "scores",

@@ -89,6 +89,8 @@ def entry_cases(dtype=torch.float64, seed=1):
         "ncl_loss_embeddings_backward": [(grad, x.detach(), y.detach(), *solved, True, False)],
         "qbnorm_bias": [(bank, gallery, None, 7.0)],
         "checked_product": [(x, y, "x", "y", True), (x, y, "x", "y", False)],
+        "softmax_mass_xy": [(x.detach(), y.detach(), s.detach(), 0.0, f, torch.log(rm[:5])),
+                            (x.detach(), y.detach(), None, 7.0, f, torch.log(rm[:5]))],
         "checked_product_backward": [(torch.randn(7, 5, dtype=acc), x.detach(), y.detach(),
                                       "x", "y", True, False)],
     }

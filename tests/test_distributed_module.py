@@ -103,7 +103,11 @@ def test_matches_the_concatenated_batch(world, tmp_path):
             assert rel_err(sum(r["pairs", "global"][3] for r in per_rank), ds) < 1e-10
 
     # the queue kept per rank is NCLLoss's queue of world * K entries, step after step
-    single = nk.NCLLoss(n_iters=4, queue_size=world * K, mode="streaming")
+    # the distributed module's semantics: queued entries are negatives, first-caption
+    # targets, no drift terms
+    single = nk.NCLLoss(n_iters=4, queue_size=world * K, mode="streaming",
+                        queue_as_negatives=True, positives="first", bias_gradient=False,
+                        offset_penalty=0.0)
     for t, (text, video, c2v) in enumerate(_caption_steps(world)):
         glob = torch.cat([c + (c >= 0) * VIDEOS * r for r, c in enumerate(c2v)])
         loss, dx, dy, ds = _step(single, text, video, caption_to_video=glob)

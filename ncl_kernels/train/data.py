@@ -30,16 +30,26 @@ class Paired:
 
 # -- synthetic ----------------------------------------------------------------------------
 
+POPULARITY = ("zipf", "reversed")
+
+
 def synthetic(n_videos: int = 5000, captions_per_video: int = 5, *, seed: int = 0,
-              n_concepts: int = 64, latent_dim: int = 32, mean_concepts: float = 3.0,
-              mention: float = 0.5, noise: float = 0.1, text_dim: int = 64,
-              video_dim: int = 96) -> Paired:
+              world_seed: int | None = None, popularity: str = "zipf",
+              hubness: float = 1.0, hub_sigma: float = 1.0, n_concepts: int = 64,
+              latent_dim: int = 32, mean_concepts: float = 3.0, mention: float = 0.5,
+              noise: float = 0.1, text_dim: int = 64, video_dim: int = 96) -> Paired:
     """A seeded paired dataset whose generative model produces hubs.
 
+    The *world* (seeded by ``world_seed``, default ``seed``) is fixed: concepts, their
+    popularity order and the two sensors. The items (seeded by ``seed``) are drawn from it:
+
     1. Concepts with skewed popularity: ``n_concepts`` random unit directions ``u_k`` of a
-       latent space (dimension ``latent_dim``), with Zipf popularity ``pi_k ~ 1 / k``.
+       latent space (dimension ``latent_dim``), with Zipf popularity ``pi_k ~ 1 / k``
+       (``popularity="reversed"``: ``pi_k ~ 1 / (n_concepts + 1 - k)``, another
+       distribution over the same concepts: what is common in one is rare in the other).
     2. Video ``v`` shows ``1 + Poisson(mean_concepts - 1)`` distinct concepts drawn by
-       popularity, each with a weight ``w_vk ~ U(0.5, 1.5)``: latent ``z_v = sum_k w_vk u_k``.
+       popularity, each with a weight ``w_vk ~ U(0.5, 1.5)``: latent
+       ``z_v = sum_k w_vk u_k + hubness * h_v * mu``.
     3. Caption ``c`` of video ``v`` (``captions_per_video`` of them) is a partial
        description: it mentions each concept of its video with probability ``mention`` (at
        least one), ``z_c = sum_{k mentioned} w_vk u_k``.
@@ -47,21 +57,38 @@ def synthetic(n_videos: int = 5000, captions_per_video: int = 5, *, seed: int = 
        video features ``B2 softplus(B1 z_v) + e`` (fixed random weights, different widths;
        ``e`` Gaussian with standard deviation ``noise``).
 
-    Where the hubs come from: a caption mentions only part of its video, so it also fits
-    the other videos that show what it mentions. A video that shows one concept strongly
-    is the best fit for every caption that mentions only that concept, and popular
-    concepts have many such captions. A model trained with CLIP's loss gives such videos
-    more than their share of everyone's retrieval probability, and others much less; the
-    learned space adds hubs of its own that these two traits do not explain.
+    Two kinds of hubs:
+
+    - Vague captions: a caption mentions only part of its video, so it also fits the other
+      videos that show what it mentions. A video that shows one concept strongly is the
+      best fit for every caption that mentions only that concept, and popular concepts
+      have many such captions.
+    - Item-level hubs (``hubness``): each video mixes in generic content, the expected
+      video latent ``mu = mean_concepts * sum_k pi_k u_k``, with a weight ``h_v``
+      (lognormal with log-sd ``hub_sigma``, scaled to mean 1). A video near the centroid
+      of the data is close to every query whatever the query says: the item-level hubness
+      of high-dimensional embedding spaces, which pretrained spaces show. No caption
+      describes it, so a model must learn to ignore it. Measured (docs/training.md, the
+      synthetic data): it lowers retrieval, the pretrained towers' most, and widens their
+      per-caption offsets, but it hardly changes how unevenly the summed retrieval
+      probability spreads over the videos: the vague captions make most of that.
 
     Returns:
         :class:`Paired` with ``n_videos * captions_per_video`` captions; caption ``i``
         describes video ``i // captions_per_video``.
     """
-    rng = np.random.default_rng(seed)
+    if popularity not in POPULARITY:
+        raise ValueError(f"popularity must be one of {POPULARITY}; got {popularity!r}")
+    world = np.random.default_rng(seed if world_seed is None else world_seed)
+    u = _unit(world.standard_normal((n_concepts, latent_dim)))
+    text_map = _random_map(world, latent_dim, 128, text_dim)
+    video_map = _random_map(world, latent_dim, 192, video_dim)
     pop = 1.0 / np.arange(1, n_concepts + 1)
+    if popularity == "reversed":
+        pop = pop[::-1].copy()
     pop /= pop.sum()
-    u = _unit(rng.standard_normal((n_concepts, latent_dim)))
+
+    rng = np.random.default_rng([seed, 1])   # the items: independent of the world's stream
     shown = np.minimum(1 + rng.poisson(mean_concepts - 1, size=n_videos), n_concepts)
     W = np.zeros((n_videos, n_concepts))
     for v in range(n_videos):
@@ -71,9 +98,13 @@ def synthetic(n_videos: int = 5000, captions_per_video: int = 5, *, seed: int = 
     said = (rng.random((c2v.size, n_concepts)) < mention) & (W[c2v] > 0)
     silent = ~said.any(1)   # a caption says something: its video's first concept
     said[silent, np.argmax(W[c2v[silent]] > 0, axis=1)] = True
-    text = _random_map(rng, (said * W[c2v]) @ u, 128, text_dim, np.tanh) \
+    z_video = W @ u
+    if hubness:
+        h = rng.lognormal(0.0, hub_sigma, size=n_videos)
+        z_video = z_video + (hubness * h / h.mean())[:, None] * (mean_concepts * pop @ u)
+    text = np.tanh((said * W[c2v]) @ u @ text_map[0]) @ text_map[1] \
         + noise * rng.standard_normal((c2v.size, text_dim))
-    video = _random_map(rng, W @ u, 192, video_dim, lambda a: np.logaddexp(0.0, a)) \
+    video = np.logaddexp(0.0, z_video @ video_map[0]) @ video_map[1] \
         + noise * rng.standard_normal((n_videos, video_dim))
     return Paired(torch.from_numpy(text).float(), torch.from_numpy(video).float(),
                   torch.from_numpy(c2v).long())
@@ -83,11 +114,11 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
-def _random_map(rng, z, hidden, out, act):
-    """``W2 act(W1 z)``: a fixed random two-layer map (the 'sensor' of one modality)."""
-    w1 = rng.standard_normal((z.shape[1], hidden)) / np.sqrt(z.shape[1])
-    w2 = rng.standard_normal((hidden, out)) / np.sqrt(hidden)
-    return act(z @ w1) @ w2
+def _random_map(rng, d_in, hidden, out):
+    """The fixed random weights ``(W1, W2)`` of a two-layer map ``W2 act(W1 z)`` (the
+    'sensor' of one modality)."""
+    return (rng.standard_normal((d_in, hidden)) / np.sqrt(d_in),
+            rng.standard_normal((hidden, out)) / np.sqrt(hidden))
 
 
 # -- scikit-learn digits ------------------------------------------------------------------
@@ -166,9 +197,12 @@ def from_npz(path: str) -> Paired:
 
 # -- split and standardize ----------------------------------------------------------------
 
-def split_by_video(data: Paired, test_fraction: float, seed: int):
+def split_by_video(data: Paired, test_fraction: float, seed: int, *,
+                   standardize_with: Paired | None = None, standardize: bool = True):
     """``(train, test)``: a seeded random ``test_fraction`` of the videos, with all their
-    captions, is held out; videos are renumbered within each part."""
+    captions, is held out; videos are renumbered within each part. Both parts are
+    z-scored per feature with the statistics of ``standardize_with`` (default: the
+    training part; the towers are plain MLPs), or not at all with ``standardize=False``."""
     M = data.video.shape[0]
     n_test = int(round(M * test_fraction))
     if n_test < 2 or M - n_test < 2:
@@ -181,10 +215,17 @@ def split_by_video(data: Paired, test_fraction: float, seed: int):
         rows = (new[data.text_to_video] >= 0).nonzero().squeeze(1)
         parts.append(Paired(data.text[rows], data.video[vids], new[data.text_to_video[rows]]))
     train, test = parts
-    # z-score each feature with the training statistics (the towers are plain MLPs)
-    for name in ("text", "video"):
-        a = getattr(train, name)
-        mu, sd = a.mean(0), a.std(0).clamp(min=1e-6)
-        for part in (train, test):
-            setattr(part, name, (getattr(part, name) - mu) / sd)
+    if standardize:
+        z_score(train if standardize_with is None else standardize_with, train, test)
     return train, test
+
+
+def z_score(reference: Paired, *parts: Paired) -> None:
+    """Standardize each feature of ``parts`` (in place) with ``reference``'s mean and sd
+    (computed before any part changes, so ``reference`` may be one of them)."""
+    stats = {name: (getattr(reference, name).mean(0),
+                    getattr(reference, name).std(0).clamp(min=1e-6))
+             for name in ("text", "video")}
+    for part in parts:
+        for name, (mu, sd) in stats.items():
+            setattr(part, name, (getattr(part, name) - mu) / sd)

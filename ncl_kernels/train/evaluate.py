@@ -18,8 +18,8 @@ def summed_probability(queries, gallery, scale: float, bias=None, chunk: int = 4
     """Per-item summed retrieval probability, normalized so that the ideal is 1.
 
     ``P_ij = softmax_j(scale * <q_i, y_j> + bias_j)`` over the M gallery items for each of
-    the Q queries (each query's retrieval probabilities sum to one: row mass 1, SPEC.md
-    section 1), summed over the queries and multiplied by ``M / Q``. SPEC.md's default
+    the Q queries (each query's retrieval probabilities sum to one: row mass 1, docs/math.md
+    section 1), summed over the queries and multiplied by ``M / Q``. docs/math.md's default
     item mass is ``c_j = Q / M`` (section 1), the marginal that NCL's Sinkhorn biases
     enforce (sections 2 and 4), so a perfectly normalized model gives 1 for every item; a
     hub gets more, an item that nobody retrieves 0.
@@ -39,7 +39,7 @@ def normalization_error(summed) -> float:
 
 
 def bank_rows(n: int, size: int, seed: int):
-    """Indices of at most ``size`` training queries (seeded), the bank of SPEC.md section 4:
+    """Indices of at most ``size`` training queries (seeded), the bank of docs/math.md section 4:
     a sample keeps the test-time Sinkhorn cheap on large training sets."""
     if n <= size:
         return torch.arange(n)
@@ -80,3 +80,14 @@ def evaluate_run(model, train, test, device, *, bank_size: int = 8192, seed: int
             if way == "t2v":
                 summed[name] = summed_probability(queries, gallery, scale, bias)
     return run, summed
+
+
+@torch.no_grad()
+def offset_spread(model, data, device) -> dict:
+    """The spread of per-item logit offsets on ``data`` (docs/training.md, the drift):
+    the standard deviation over captions of each caption's mean logit over the videos,
+    ``scale * <x_i, mean_j y_j>``, and the same over videos."""
+    scale = float(model.scale().detach())
+    text, video = model.embed(data, device)
+    return {"captions": float((scale * text @ video.mean(0)).std()),
+            "videos": float((scale * video @ text.mean(0)).std())}

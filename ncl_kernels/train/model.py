@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -43,42 +44,57 @@ class DualEncoder(nn.Module):
         return self.text(data.text.to(device)), self.video(data.video.to(device))
 
 
-def make_loss(kind: str, queue_size: int) -> NCLLoss:
+def make_loss(kind: str, queue_size: int = 0, positives: str = "mean",
+              n_iters: int | None = None) -> NCLLoss:
     """The two losses of the demo, both :class:`~ncl_kernels.NCLLoss`.
 
-    ``"clip"``: ``n_iters=0``, which is exactly CLIP's symmetric InfoNCE (SPEC.md section
-    3). ``"ncl"``: 4 Sinkhorn iterations (the default) over the batch plus a queue of the
-    ``queue_size`` most recent earlier embeddings. The queue only shapes the biases
-    (``queue_as_negatives=False``): the loss's softmax runs over the same batch as CLIP's,
-    so the two runs differ by the normalization alone, not by extra negatives. (With the
-    queue as negatives, these towers collapsed in our runs, CLIP's loss included: without a
-    momentum encoder the model learns to tell this step's embeddings from the queued ones.)
+    ``"clip"``: ``n_iters=0``, which is exactly CLIP's symmetric InfoNCE (docs/math.md section
+    3). ``"ncl"``: NCLLoss's defaults (converged batch biases; ``n_iters`` overrides),
+    plus, with ``queue_size > 0``, a queue of that many earlier embeddings that only shapes
+    the biases (``queue_as_negatives=False``: the loss's softmax runs over the same batch as
+    CLIP's, so the two runs differ by the normalization alone, not by extra negatives),
+    with the training terms a queue turns on (docs/training.md). ``positives``: the
+    video-to-text targets of both (see :class:`~ncl_kernels.NCLLoss`).
     """
     if kind == "clip":
-        return NCLLoss(n_iters=0)
-    return NCLLoss(n_iters=4, queue_size=queue_size, queue_as_negatives=False)
+        return NCLLoss(n_iters=0, positives=positives)
+    options = {} if n_iters is None else {"n_iters": n_iters}
+    if queue_size:
+        return NCLLoss(queue_size=queue_size, queue_as_negatives=False, positives=positives,
+                       **options)
+    return NCLLoss(positives=positives, **options)
 
 
 def train(data: Paired, loss_fn: NCLLoss, *, steps: int, batch_size: int, lr: float,
-          seed: int, device, progress=None) -> DualEncoder:
-    """Train a fresh :class:`DualEncoder` for ``steps`` steps of AdamW (cosine decay).
+          seed: int, device, progress=None, init: DualEncoder | None = None,
+          whole_videos: bool = False) -> DualEncoder:
+    """Train a :class:`DualEncoder` for ``steps`` steps of AdamW (cosine decay): a fresh
+    one, or a copy of ``init`` (fine-tuning; ``init`` is left as it is).
 
     Each step takes ``batch_size`` captions (epochs of a seeded permutation of all training
     captions) and their videos, each video once, and calls ``loss_fn(text, video, scale,
     caption_to_video=...)``: a video that two captions of the batch describe is one
-    column with two positives, not a false negative of itself. (Batches of whole videos
-    with all their captions did worse: the video-to-text term then always targets the same
-    "first" caption, which CLIP memorized and which made NCL's loss rise.) The seed fixes
-    the initialization and the batch order, so two losses see the same budget and batches.
+    column with two positives, not a false negative of itself. With ``whole_videos``, a
+    step takes instead about ``batch_size`` captions' worth of whole videos (epochs of a
+    permutation of the videos), each with all its captions. The seed fixes the
+    initialization and the batch order, so two losses see the same budget and batches.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = DualEncoder(data.text.shape[1], data.video.shape[1]).to(device)
+    if init is None:
+        model = DualEncoder(data.text.shape[1], data.video.shape[1]).to(device)
+    else:
+        model = copy.deepcopy(init).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     text, video = data.text.to(device), data.video.to(device)
     N = text.shape[0]
     B = min(batch_size, N)
+    if whole_videos:   # draw videos; a batch is all their captions
+        M = data.video.shape[0]
+        captions = torch.argsort(data.text_to_video, stable=True)
+        start = torch.searchsorted(data.text_to_video[captions], torch.arange(M + 1))
+        N, B = M, max(1, min(M, round(B * M / N)))
     order, at = torch.randperm(N, generator=gen), 0
     model.train()
     for _ in (progress(range(steps)) if progress else range(steps)):
@@ -86,6 +102,8 @@ def train(data: Paired, loss_fn: NCLLoss, *, steps: int, batch_size: int, lr: fl
             order, at = torch.randperm(N, generator=gen), 0
         rows = order[at:at + B]
         at += B
+        if whole_videos:
+            rows = torch.cat([captions[start[v]:start[v + 1]] for v in rows.tolist()])
         vids, c2v = torch.unique(data.text_to_video[rows], return_inverse=True)
         loss = loss_fn(model.text(text[rows.to(device)]), model.video(video[vids.to(device)]),
                        model.scale(), caption_to_video=c2v.to(device))
