@@ -44,16 +44,17 @@ class Costs(NamedTuple):
 # CUDA: NVIDIA H200, GPU run G1 (bench/RESULTS.md): Triton's streaming row pass at
 # 65536^2 x 512 bf16, torch.matmul at that shape, the dense fp32/bf16 row passes at
 # 32768^2, the copy roof; float32 products on CUDA cores (no TF32). CPU: the 2-core
-# development machine, 2 threads (bench/profile_materialize.py).
+# development machine (AMD EPYC, AVX2), 2 threads, bf16 and f32 at n = 2048, d = 128
+# (bench/profile_materialize.py; bench/RESULTS.md, CPU 2026-12-01).
 COSTS = {
     ("cuda", "low"): Costs(stream_flops=3.07e14, product_flops=5.91e14, dense_pass=1.0e-12,
                            write=1.0e-12),
     ("cuda", "wide"): Costs(stream_flops=4.0e13, product_flops=5.09e13, dense_pass=1.0e-12,
                             write=1.0e-12),
-    ("cpu", "low"): Costs(stream_flops=6.0e10, product_flops=8.0e10, dense_pass=4.0e-10,
-                          write=2.0e-10),
-    ("cpu", "wide"): Costs(stream_flops=6.0e10, product_flops=8.0e10, dense_pass=4.0e-10,
-                           write=2.0e-10),
+    ("cpu", "low"): Costs(stream_flops=6.3e10, product_flops=8.2e10, dense_pass=6.4e-10,
+                          write=2.5e-10),
+    ("cpu", "wide"): Costs(stream_flops=7.0e10, product_flops=1.0e11, dense_pass=5.5e-10,
+                           write=1.8e-10),
 }
 
 
