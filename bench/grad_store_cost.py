@@ -2,31 +2,23 @@
 
     python bench/grad_store_cost.py [--n 4096] [--repeat 7]
 
-For each storage dtype, one thread, best of ``--repeat``: the C++ gradient pass writing
-its output, the same pass without an output (so the difference is the cost of converting
-and storing ``scale * G``), and a row LSE pass for scale. bench/RESULTS.md has a run.
+For each storage dtype, one thread, best of ``--repeat`` rounds (the three cases
+alternated, as bench/profile_cpu.py times them, on its scores): the C++ gradient pass
+writing its output, the same pass without an output (so the difference is the cost of
+converting and storing ``scale * G``), and a row LSE pass for scale. bench/RESULTS.md has
+a run.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from profile_cpu import best_times, scores
 
 from ncl_kernels.backends import get
 
 SCALE = 20.0
-
-
-def best_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
 
 
 def main() -> None:
@@ -37,8 +29,7 @@ def main() -> None:
     torch.set_num_threads(1)
     n = args.n
     gen = torch.Generator().manual_seed(3)
-    x = torch.nn.functional.normalize(torch.randn(n, 64, generator=gen), dim=1)
-    S32 = x @ x.T
+    S32 = scores(n, n, seed=3)   # case 2's matrix
     cpu = get("cpu", S32.device)
     g, f = torch.zeros(n), torch.randn(n, generator=gen) * 0.1
     lse_row, lse_col = cpu.row_lse(S32, SCALE, g), cpu.col_lse(S32, SCALE, f)
@@ -50,9 +41,10 @@ def main() -> None:
         def grad(target, S=S):
             cpu.ncl_grad_(S, SCALE, f, g, lse_row, lse_col, coef, coef, y, y, out=target)
 
-        written = best_ms(lambda out=out: grad(out), args.repeat)
-        alone = best_ms(lambda: grad(None), args.repeat)
-        row = best_ms(lambda S=S: cpu.row_lse(S, SCALE, g), args.repeat)
+        grad(out)   # warm-up: the output's pages, the kernels' scratch
+        t = best_times({"written": lambda out=out: grad(out), "alone": lambda: grad(None),
+                        "row": lambda S=S: cpu.row_lse(S, SCALE, g)}, args.repeat)
+        written, alone, row = (t[k] * 1e3 for k in ("written", "alone", "row"))
         print(f"  {str(dtype)[6:]:9s} gradient written {written:6.2f} ms, without output "
               f"{alone:6.2f} ms (store {written - alone:5.2f} ms); row pass {row:6.2f} ms")
 
