@@ -18,10 +18,15 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from . import _library
+from . import _library, _loss_math as LM
 
 Tensor = torch.Tensor
 POSITIVES = ("first", "all", "mean")
+
+
+def detached(scale):
+    """``scale`` without its graph (the biases are constants for the gradient)."""
+    return scale.detach() if isinstance(scale, Tensor) else scale
 
 
 def positive_logits(x: Tensor, y: Tensor, scale, c2v: Tensor, f: Tensor) -> Tensor:
@@ -144,15 +149,13 @@ def own_bias_term(X: Tensor, Y: Tensor, scale, f: Tensor, g: Tensor, n_rows: int
     ``dloss/dg_j = w_row/|R| sum_{i in R} (P^row_ij - [y_i = j])``. For biases solved to
     convergence on the block itself (no queue) both coefficients vanish.
     """
-    s = scale.detach() if isinstance(scale, Tensor) else scale
+    s = detached(scale)
     acc = f.dtype
     with torch.no_grad():
         Xb, Yb = X[:n_rows].detach(), Y[:n_cols].detach()
         y, z = row_targets[:n_rows], col_targets[:n_cols]
         has_y, has_z = y >= 0, z >= 0
-        # (the counts in acc: an integer tensor would divide in float32)
-        wr = has_y.to(acc) * (w_row / has_y.sum().clamp(min=1).to(acc))
-        wc = has_z.to(acc) * (w_col / has_z.sum().clamp(min=1).to(acc))
+        wr, wc = LM.coefficients(y, z, w_row, w_col, acc)   # the loss's own weights
         # dloss/df_i: the mass of row i in the columns' softmaxes, less its target weight
         a = _softmax_mass(backend, Xb, Yb, s, f[:n_rows], wc, dense)
         if col_target_weights is None:   # one target per column: row z_j

@@ -498,13 +498,8 @@ class DistributedNCLLoss(NCLLoss):
             world = float(dist.get_world_size(group))
             x, y = scale_gradient(x, world), scale_gradient(y, world)
             scale = sum_gradient_over_ranks(scale, group)
-        X, Y, col_mass = x, y, counts
+        X, Y, row_mass, col_mass = self._join_queue(x, y, row_mass, counts, queue)
         if queue is not None:
-            qx, qy, q_text_mass, q_video_mass = queue
-            X, Y = torch.cat([x, qx]), torch.cat([y, qy])
-            ones = torch.ones(max(n, v), dtype=torch.float64, device=x.device)
-            row_mass = torch.cat([ones[:n] if row_mass is None else row_mass, q_text_mass])
-            col_mass = torch.cat([ones[:v] if counts is None else counts, q_video_mass])
             # the two rings fill at different rates: the column masses take the rows'
             # total over the global problem (docs/math.md section 1), as in NCLLoss
             totals = _all_sum(torch.stack([row_mass.sum(), col_mass.sum()]), group)
@@ -523,9 +518,7 @@ class DistributedNCLLoss(NCLLoss):
                                    weights=self.weights, row_mass=row_mass,
                                    col_mass=col_mass, backend=self.backend)
         if queue is not None:
-            ones = torch.ones(max(n, v), dtype=torch.float64, device=x.device)
-            self._enqueue("text", x, ones[:n] if c2v is None else row_mass[:n])
-            self._enqueue("video", y, ones[:v] if counts is None else counts)
+            self._enqueue_batch(x, y, row_mass, counts)
         return loss
 
     def extra_repr(self) -> str:

@@ -22,11 +22,6 @@ NAMES = ("text_features", "video_features")
 OFFSET_PENALTY = 0.01
 
 
-def _value(scale):
-    """``scale`` without its graph (the biases are constants for the gradient)."""
-    return scale.detach() if isinstance(scale, Tensor) else scale
-
-
 def _pad_targets(t: Optional[Tensor], n: int) -> Optional[Tensor]:
     """Targets of the batch, then ``-1`` (no loss term) for the queued rows/columns."""
     if t is None or t.shape[0] == n:
@@ -195,6 +190,29 @@ class NCLLoss(nn.Module):
                              f"has D = {like.shape[1]}; call reset_queue() first")
         return qx.to(like), qy.to(like), self.queue_text_mass, self.queue_video_mass
 
+    @staticmethod
+    def _join_queue(x: Tensor, y: Tensor, row_mass: Optional[Tensor],
+                    counts: Optional[Tensor], queue):
+        """``(X, Y, row_mass, col_mass)``: the batch, then the queued entries (``queue``
+        from :meth:`_queue`), with the batch's masses (ones where they are None) before
+        the queue's; the column masses are not yet scaled to the rows' total."""
+        if queue is None:
+            return x, y, row_mass, counts
+        qx, qy, q_text_mass, q_video_mass = queue
+        ones = torch.ones(max(x.shape[0], y.shape[0]), dtype=torch.float64, device=x.device)
+        rows = ones[:x.shape[0]] if row_mass is None else row_mass
+        cols = ones[:y.shape[0]] if counts is None else counts
+        return (torch.cat([x, qx]), torch.cat([y, qy]), torch.cat([rows, q_text_mass]),
+                torch.cat([cols, q_video_mass]))
+
+    def _enqueue_batch(self, x: Tensor, y: Tensor, row_mass: Tensor,
+                       counts: Optional[Tensor]) -> None:
+        """Enqueue this step's captions with their masses (the first rows of the joined
+        ``row_mass``) and its videos with their caption counts (1 without them)."""
+        self._enqueue("text", x, row_mass[:x.shape[0]])
+        self._enqueue("video", y, torch.ones(y.shape[0], dtype=torch.float64, device=y.device)
+                      if counts is None else counts)
+
     @torch.no_grad()
     def _enqueue(self, side: str, rows: Tensor, mass: Tensor) -> None:
         """Write the last ``min(n, K)`` rows into the ring, from its next slot on."""
@@ -268,16 +286,9 @@ class NCLLoss(nn.Module):
         N, Vb = x.shape[0], y.shape[0]
         y_t, z_t, row_mass, counts = self._batch_targets(N, Vb, caption_to_video, x)
         queue = self._queue(x)
-        X, Y, col_mass = x, y, counts
-        if queue is not None:
-            qx, qy, q_text_mass, q_video_mass = queue
-            X, Y = torch.cat([x, qx]), torch.cat([y, qy])
-            ones = torch.ones(N, dtype=torch.float64, device=x.device)
-            row_mass = torch.cat([ones if row_mass is None else row_mass, q_text_mass])
-            col_mass = torch.cat([torch.ones(Vb, dtype=torch.float64, device=x.device)
-                                  if counts is None else counts, q_video_mass])
-            if y_t is None:
-                y_t, z_t = V.default_targets(N, Vb, x.device)
+        X, Y, row_mass, col_mass = self._join_queue(x, y, row_mass, counts, queue)
+        if queue is not None and y_t is None:
+            y_t, z_t = V.default_targets(N, Vb, x.device)
         NT, MT = X.shape[0], Y.shape[0]
         y_t, z_t = _pad_targets(y_t, NT), _pad_targets(z_t, MT)
         if col_mass is not None:
@@ -301,9 +312,7 @@ class NCLLoss(nn.Module):
             loss = embeddings_loss(X, Y, scale, NAMES, f=None, g=None, materialize=dense,
                                    memory_budget=None, **options)
         if queue is not None:
-            ones = torch.ones(max(N, Vb), dtype=torch.float64, device=x.device)
-            self._enqueue("text", x, ones[:N] if row_mass is None else row_mass[:N])
-            self._enqueue("video", y, ones[:Vb] if counts is None else counts)
+            self._enqueue_batch(x, y, row_mass, counts)
         return loss
 
     def _dense(self, X: Tensor, Y: Tensor) -> bool:
@@ -335,7 +344,7 @@ class NCLLoss(nn.Module):
             c2v, z, counts = several[0][:N], several[1][:Vb], several[2]
             loss = loss + T.all_positives(x, y, scale, c2v, z, counts, f[:N], w_col,
                                           self.positives)
-            a = T.positive_logits(x.detach(), y.detach(), _value(scale), c2v, f[:N])
+            a = T.positive_logits(x.detach(), y.detach(), T.detached(scale), c2v, f[:N])
             weights_t = T.target_weights(a, c2v, counts, self.positives)
             weights_t = torch.cat([weights_t, weights_t.new_zeros(nb - N)])
         if bias_gradient:
@@ -357,7 +366,7 @@ class NCLLoss(nn.Module):
             if row_mass is not None:   # a caption without mass takes no part
                 f = torch.where(row_mass > 0, f, float("-inf"))
             return f, f.new_zeros(MT)
-        sol = embeddings_solution(X.detach(), Y.detach(), _value(scale), NAMES,
+        sol = embeddings_solution(X.detach(), Y.detach(), T.detached(scale), NAMES,
                                   row_mass=row_mass, col_mass=col_mass, n_iters=self.n_iters,
                                   tol=None, check_every=1, init_g=None, backend=self.backend,
                                   strict=False, materialize=dense, memory_budget=None)
